@@ -1,0 +1,517 @@
+"""Tokenization (labels, EOS, padding, truncation) and data validation (files, rows, fields, chat rows).
+
+Expected token ids are built from the tiny tokenizer's vocabulary by hand (word -> id), not with the
+implementation's encode helpers.
+"""
+import dataclasses
+import json
+import re
+
+import pytest
+
+import common
+from common import IGNORE_INDEX, DataError
+
+PROMPT = "summarize : alice found the car in the park . :"
+RESPONSE = "alice found car"
+TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} ; {% endfor %}"
+            "{% if add_generation_prompt %}assistant : {% endif %}")
+
+
+def ids_of(tokenizer, text):
+    """Ids of a whitespace-separated text, looked up word by word in the vocabulary."""
+    return tokenizer.convert_tokens_to_ids(text.split())
+
+
+def assert_names(message, path, row=None, field=None):
+    assert str(path) in message, message
+    if row is not None:
+        assert re.search(rf"\brow {row}\b", message), message
+    if field is not None:
+        assert f"'{field}'" in message, message
+
+
+def write(path, rows, fmt=None):
+    fmt = fmt or path.suffix.lstrip(".")
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif fmt == "json":
+        path.write_text(json.dumps(rows, indent=1))
+    elif fmt == "parquet":
+        import datasets
+
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+    else:
+        raise ValueError(fmt)
+    return path
+
+
+def make_cfg(**overrides):
+    base = dict(eval_size=2, max_length=64, max_prompt_length=48, seed=0, eval_data="")
+    base.update(overrides)
+    return dataclasses.replace(common.TrainConfig(), **base)
+
+
+SFT_ROWS = [
+    {"prompt": "summarize : alice found the car in the park . :", "completion": "alice found car"},
+    {"prompt": "summarize : bob sold the lamp in the market . nothing else happened . :", "completion": "bob sold lamp"},
+    {"prompt": "summarize : carol fixed the door in the school . :", "completion": "carol fixed door and dave lost book"},
+    {"prompt": "summarize : dave lost the book in the office . :", "completion": "dave lost book"},
+    {"prompt": "summarize : erin moved the boat in the harbor . :", "completion": "erin moved boat"},
+]
+PREF_ROWS = [
+    {"prompt": "summarize : alice found the car in the park . :", "chosen": "alice found car", "rejected": "alice lost lamp ; the weather"},
+    {"prompt": "summarize : bob sold the lamp in the market . :", "chosen": "bob sold lamp and carol fixed door", "rejected": "bob"},
+    {"prompt": "summarize : carol fixed the door in the school . :", "chosen": "carol fixed door", "rejected": "carol fixed car"},
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# tokenization
+# ------------------------------------------------------------------------------------------------
+
+
+def test_tokenize_sft_labels_prompt_ignored_response_and_eos_labelled(tiny):
+    _, tok = tiny
+    examples, skipped = common.tokenize_sft([{"prompt": PROMPT, "completion": RESPONSE}], tok, 64, 48)
+    assert skipped == 0 and len(examples) == 1
+    p, r = ids_of(tok, PROMPT), ids_of(tok, RESPONSE)
+    assert tok.unk_token_id not in p + r
+    e = examples[0]
+    assert e["input_ids"] == p + r + [tok.eos_token_id]
+    assert e["labels"] == [IGNORE_INDEX] * len(p) + r + [tok.eos_token_id]
+    assert (e["prompt"], e["reference"]) == (PROMPT, RESPONSE)
+
+
+def test_tokenize_pref_shares_prompt_and_labels_both_responses(tiny):
+    _, tok = tiny
+    row = {"prompt": PROMPT, "chosen": "alice found car and bob sold lamp", "rejected": "the weather was calm ."}
+    examples, skipped = common.tokenize_pref([row], tok, 64, 48)
+    assert skipped == 0
+    e = examples[0]
+    p = ids_of(tok, PROMPT)
+    assert e["prompt_ids"] == p and e["prompt"] == PROMPT
+    for key in ("chosen", "rejected"):
+        r = ids_of(tok, row[key]) + [tok.eos_token_id]
+        assert e[key]["input_ids"] == p + r
+        assert e[key]["labels"] == [IGNORE_INDEX] * len(p) + r
+
+
+def test_collate_right_pads_and_ignores_padding_labels(tiny):
+    _, tok = tiny
+    examples, _ = common.tokenize_sft(SFT_ROWS[:2], tok, 64, 48)
+    batch = common.collate(examples, tok.pad_token_id)
+    lengths = [len(e["input_ids"]) for e in examples]
+    width = max(lengths)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, width)
+    for i, (e, n) in enumerate(zip(examples, lengths)):
+        assert batch["input_ids"][i, :n].tolist() == e["input_ids"]
+        assert batch["labels"][i, :n].tolist() == e["labels"]
+        assert batch["input_ids"][i, n:].tolist() == [tok.pad_token_id] * (width - n)
+        assert batch["labels"][i, n:].tolist() == [IGNORE_INDEX] * (width - n)
+        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (width - n)
+    assert lengths[0] != lengths[1]  # some padding happened
+
+
+def test_pad_equal_to_eos_keeps_eos_label(tiny):
+    _, tok = tiny
+    tok.pad_token = tok.eos_token
+    eos = tok.eos_token_id
+    assert tok.pad_token_id == eos
+    sft, _ = common.tokenize_sft(SFT_ROWS[:3], tok, 64, 48)
+    pref, _ = common.tokenize_pref(PREF_ROWS[:2], tok, 64, 48)
+    for batch, seqs in ((common.collate(sft, tok.pad_token_id), sft),
+                        (common.collate_pairs(pref, tok.pad_token_id),
+                         [p["chosen"] for p in pref] + [p["rejected"] for p in pref])):
+        width = batch["input_ids"].shape[1]
+        for i, s in enumerate(seqs):
+            n = len(s["input_ids"])
+            labels = batch["labels"][i].tolist()
+            assert labels[n - 1] == eos  # the real EOS is still a label
+            assert labels.count(eos) == 1  # ... and the only EOS label, although padding is EOS too
+            assert labels[n:] == [IGNORE_INDEX] * (width - n)
+            assert batch["input_ids"][i, n:].tolist() == [eos] * (width - n)
+            assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (width - n)
+        assert (batch["input_ids"] == eos).sum() > len(seqs)  # padding really used the EOS id
+
+
+def test_tokenizer_without_pad_token_gets_eos_as_pad(tiny, tmp_path):
+    model, tok = tiny
+    tok.pad_token = None
+    assert tok.pad_token_id is None
+    common.save_model(model, tok, tmp_path)
+    model2, tok2 = common.load_model_and_tokenizer(str(tmp_path))
+    assert tok2.pad_token_id == tok2.eos_token_id == tok.eos_token_id
+    assert model2.config.pad_token_id == tok2.eos_token_id
+
+
+# ------------------------------------------------------------------------------------------------
+# truncation
+# ------------------------------------------------------------------------------------------------
+
+
+def test_truncate_fits_unchanged():
+    prompt, response = list(range(1, 6)), [20, 21, 22]
+    assert common.truncate(prompt, [response], 8, 4) == (prompt, [response])
+
+
+def test_truncate_prompt_loses_left_side_first():
+    prompt, response = list(range(1, 11)), [20, 21]  # 10 + 2 > 8
+    got_prompt, (got_response,) = common.truncate(prompt, [response], 8, 6)
+    assert got_prompt == [5, 6, 7, 8, 9, 10]  # the last 6 prompt tokens
+    assert got_response == [20, 21]  # untouched: it fits after the prompt was cut
+
+
+def test_truncate_response_then_loses_right_side():
+    prompt, response = list(range(1, 11)), list(range(20, 26))  # 10 + 6 > 12
+    got_prompt, (got_response,) = common.truncate(prompt, [response], 12, 8)
+    assert got_prompt == list(range(3, 11))
+    assert got_response == [20, 21, 22, 23]  # its first 12 - 8 tokens
+    # a prompt already shorter than max_prompt_length is kept whole; the response is cut to fit
+    got_prompt, (got_response,) = common.truncate([1, 2, 3], [list(range(20, 35))], 10, 5)
+    assert got_prompt == [1, 2, 3] and got_response == list(range(20, 27))
+
+
+def test_truncate_pairs_cut_both_responses_to_the_same_budget():
+    prompt, chosen, rejected = list(range(1, 9)), list(range(20, 27)), [30, 31]
+    got_prompt, (got_chosen, got_rejected) = common.truncate(prompt, [chosen, rejected], 9, 5)
+    assert got_prompt == [4, 5, 6, 7, 8]
+    assert got_chosen == [20, 21, 22, 23]
+    assert got_rejected == [30, 31]
+
+
+def test_truncate_returns_none_when_no_response_token_fits():
+    assert common.truncate(list(range(10)), [[20, 21]], 5, 5) is None
+    assert common.truncate(list(range(10)), [[20, 21], [30]], 6, 6) is None
+
+
+def test_tokenize_counts_skipped_rows(tiny):
+    _, tok = tiny
+    long_prompt = "summarize : " + " ".join(["the weather was calm ."] * 6) + " :"
+    rows = [SFT_ROWS[0], {"prompt": long_prompt, "completion": "alice found car"}, SFT_ROWS[1]]
+    # max_prompt_length == max_length: a prompt that long leaves no room for any response token
+    examples, skipped = common.tokenize_sft(rows, tok, 20, 20)
+    assert skipped == 1
+    assert [e["prompt"] for e in examples] == [SFT_ROWS[0]["prompt"], SFT_ROWS[1]["prompt"]]
+    pref_rows = [PREF_ROWS[0], {"prompt": long_prompt, "chosen": "a", "rejected": "bob"}]
+    examples, skipped = common.tokenize_pref(pref_rows, tok, 20, 20)
+    assert skipped == 1 and len(examples) == 1
+
+
+def test_tokenize_truncates_long_prompt_from_the_left(tiny):
+    _, tok = tiny
+    row = {"prompt": "summarize : the weather was calm . alice found the car in the park . :", "completion": "alice found car"}
+    examples, skipped = common.tokenize_sft([row], tok, 12, 8)
+    assert skipped == 0
+    e = examples[0]
+    prompt_ids = ids_of(tok, row["prompt"])
+    response_ids = ids_of(tok, "alice found car") + [tok.eos_token_id]
+    assert e["input_ids"] == prompt_ids[-8:] + response_ids
+    assert e["labels"] == [IGNORE_INDEX] * 8 + response_ids
+
+
+# ------------------------------------------------------------------------------------------------
+# reading files and validating rows
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
+def test_missing_file(tmp_path, suffix):
+    path = tmp_path / f"nothing{suffix}"
+    with pytest.raises(DataError) as err:
+        common.read_rows(str(path))
+    assert_names(str(err.value), path)
+    assert "not found" in str(err.value)
+
+
+def test_invalid_json_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(SFT_ROWS[0]) + "\n" + json.dumps(SFT_ROWS[1]) + "\n" + '{"prompt": "x", "completion": \n')
+    with pytest.raises(DataError) as err:
+        common.read_rows(str(path))
+    assert_names(str(err.value), path, row=3)
+    assert "JSON" in str(err.value)
+
+
+def test_jsonl_rows_are_counted_without_blank_lines(tiny, tmp_path):
+    """Row N is the N-th non-blank line in every message; a JSON error also gives the line number."""
+    _, tok = tiny
+    path = tmp_path / "gaps.jsonl"
+    path.write_text(json.dumps(SFT_ROWS[0]) + "\n\n" + json.dumps(SFT_ROWS[1]) + "\n" + "{oops\n")
+    with pytest.raises(DataError) as err:
+        common.read_rows(str(path))
+    assert_names(str(err.value), path, row=3)
+    assert re.search(r"\bline 4\b", str(err.value)), str(err.value)
+    path.write_text(json.dumps(SFT_ROWS[0]) + "\n\n" + json.dumps({"prompt": PROMPT}) + "\n")
+    rows = common.read_rows(str(path))
+    assert rows == [SFT_ROWS[0], {"prompt": PROMPT}]
+    with pytest.raises(DataError) as err:
+        common.tokenize_sft(rows, tok, 64, 48, source=str(path))
+    assert_names(str(err.value), path, row=2, field="completion")
+
+
+def test_invalid_json_file_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('[\n {"prompt": "a", "completion": "b"},\n {"prompt": "a" "completion": "b"}\n]')
+    with pytest.raises(DataError) as err:
+        common.read_rows(str(path))
+    assert_names(str(err.value), path)
+    assert re.search(r"\bline 3\b", str(err.value)), str(err.value)
+
+
+def test_json_file_must_hold_a_list(tmp_path):
+    path = tmp_path / "obj.json"
+    path.write_text(json.dumps({"prompt": "a", "completion": "b"}))
+    with pytest.raises(DataError) as err:
+        common.read_rows(str(path))
+    assert_names(str(err.value), path)
+    assert "list" in str(err.value)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet"])
+def test_missing_column_names_file_row_and_field(tiny, tmp_path, fmt):
+    _, tok = tiny
+    rows = [dict(SFT_ROWS[0]), {"prompt": SFT_ROWS[1]["prompt"], "response": "bob sold lamp"}]
+    if fmt == "parquet":  # one schema per file: every row has the misnamed column
+        rows = [{"prompt": r["prompt"], "response": "alice found car"} for r in SFT_ROWS[:2]]
+    path = write(tmp_path / f"sft.{fmt}", rows)
+    with pytest.raises(DataError) as err:
+        common.tokenize_sft(common.read_rows(str(path)), tok, 64, 48, source=str(path))
+    assert_names(str(err.value), path, row=1 if fmt == "parquet" else 2, field="completion")
+    assert "missing" in str(err.value)
+
+
+@pytest.mark.parametrize("bad,field", [({"prompt": "   ", "completion": "alice found car"}, "prompt"),
+                                       ({"prompt": "", "completion": "alice found car"}, "prompt"),
+                                       ({"prompt": PROMPT, "completion": ""}, "completion"),
+                                       ({"prompt": PROMPT, "completion": None}, "completion")])
+def test_empty_field_names_file_row_and_field(tiny, tmp_path, bad, field):
+    _, tok = tiny
+    path = write(tmp_path / "sft.jsonl", [SFT_ROWS[0], SFT_ROWS[1], bad])
+    with pytest.raises(DataError) as err:
+        common.tokenize_sft(common.read_rows(str(path)), tok, 64, 48, source=str(path))
+    assert_names(str(err.value), path, row=3, field=field)
+
+
+@pytest.mark.parametrize("bad,field,type_name", [({"prompt": 5, "completion": "alice found car"}, "prompt", "int"),
+                                                 ({"prompt": PROMPT, "completion": ["alice"]}, "completion", "list"),
+                                                 ({"prompt": PROMPT, "completion": {"text": "a"}}, "completion", "dict")])
+def test_wrong_type_names_file_row_field_and_type(tiny, tmp_path, bad, field, type_name):
+    _, tok = tiny
+    path = write(tmp_path / "sft.json", [SFT_ROWS[0], bad])
+    with pytest.raises(DataError) as err:
+        common.tokenize_sft(common.read_rows(str(path)), tok, 64, 48, source=str(path))
+    assert_names(str(err.value), path, row=2, field=field)
+    assert type_name in str(err.value)
+
+
+def test_row_that_is_not_an_object(tiny, tmp_path):
+    _, tok = tiny
+    path = tmp_path / "sft.jsonl"
+    path.write_text(json.dumps(SFT_ROWS[0]) + "\n" + json.dumps(["a", "b"]) + "\n")
+    with pytest.raises(DataError) as err:
+        common.tokenize_sft(common.read_rows(str(path)), tok, 64, 48, source=str(path))
+    assert_names(str(err.value), path, row=2)
+
+
+def test_pref_missing_or_bad_fields(tiny, tmp_path):
+    _, tok = tiny
+    cases = [({"prompt": PROMPT, "chosen": "alice found car"}, "rejected"),
+             ({"prompt": PROMPT, "chosen": 3.5, "rejected": "bob"}, "chosen"),
+             ({"chosen": "alice found car", "rejected": "bob"}, "prompt")]  # strings need an explicit prompt
+    for bad, field in cases:
+        path = write(tmp_path / "pref.jsonl", [PREF_ROWS[0], PREF_ROWS[1], bad])
+        with pytest.raises(DataError) as err:
+            common.tokenize_pref(common.read_rows(str(path)), tok, 64, 48, source=str(path))
+        assert_names(str(err.value), path, row=3, field=field)
+
+
+def test_mixed_plain_and_chat_fields_are_rejected(tiny):
+    _, tok = tiny
+    tok.chat_template = TEMPLATE
+    row = {"prompt": PROMPT, "completion": [{"role": "assistant", "content": "alice found car"}]}
+    with pytest.raises(DataError) as err:
+        common.tokenize_sft([row], tok, 64, 48, source="mixed.jsonl")
+    assert_names(str(err.value), "mixed.jsonl", row=1, field="completion")
+
+
+# ------------------------------------------------------------------------------------------------
+# chat rows
+# ------------------------------------------------------------------------------------------------
+
+CHAT = [{"role": "user", "content": "summarize : alice found the car in the park ."},
+        {"role": "assistant", "content": "alice found car"}]
+
+
+def test_chat_messages_rows_use_the_chat_template(tiny):
+    _, tok = tiny
+    tok.chat_template = TEMPLATE
+    expected_prompt = "user : summarize : alice found the car in the park . ; assistant : "
+    assert common.sft_texts({"messages": CHAT}, tok, "x") == (expected_prompt, "alice found car")
+    examples, skipped = common.tokenize_sft([{"messages": CHAT}], tok, 64, 48, source="chat.jsonl")
+    assert skipped == 0
+    p = tok(expected_prompt, add_special_tokens=False).input_ids
+    r = ids_of(tok, "alice found car") + [tok.eos_token_id]
+    assert examples[0]["input_ids"] == p + r
+    assert examples[0]["labels"] == [IGNORE_INDEX] * len(p) + r
+    # prompt/completion given as message lists work the same way
+    row = {"prompt": CHAT[:1], "completion": CHAT[1:]}
+    assert common.tokenize_sft([row], tok, 64, 48)[0][0]["input_ids"] == p + r
+
+
+def test_chat_rows_without_chat_template_fail_clearly(tiny):
+    _, tok = tiny
+    assert not tok.chat_template
+    with pytest.raises(DataError) as err:
+        common.tokenize_sft([SFT_ROWS[0], {"messages": CHAT}], tok, 64, 48, source="chat.jsonl")
+    assert_names(str(err.value), "chat.jsonl", row=2)
+    assert "chat template" in str(err.value)
+
+
+def test_chat_messages_must_end_with_assistant(tiny):
+    _, tok = tiny
+    tok.chat_template = TEMPLATE
+    with pytest.raises(DataError) as err:
+        common.tokenize_sft([{"messages": CHAT[:1] + [{"role": "user", "content": "more"}]}], tok, 64, 48, source="c.jsonl")
+    assert_names(str(err.value), "c.jsonl", row=1, field="messages")
+    with pytest.raises(DataError) as err:
+        common.tokenize_sft([{"messages": CHAT[:1]}], tok, 64, 48, source="c.jsonl")
+    assert_names(str(err.value), "c.jsonl", row=1, field="messages")
+
+
+def test_implicit_prompt_preference_rows_are_split(tiny):
+    _, tok = tiny
+    tok.chat_template = TEMPLATE
+    shared = [{"role": "user", "content": "summarize : bob sold the lamp in the market ."},
+              {"role": "assistant", "content": "bob sold lamp"},
+              {"role": "user", "content": "summarize : alice found the car in the park ."}]
+    row = {"chosen": shared + [{"role": "assistant", "content": "alice found car"}],
+           "rejected": shared + [{"role": "assistant", "content": "the weather was calm ."}]}
+    expected_prompt = ("user : summarize : bob sold the lamp in the market . ; assistant : bob sold lamp ; "
+                       "user : summarize : alice found the car in the park . ; assistant : ")
+    assert common.pref_texts(row, tok, "x") == (expected_prompt, "alice found car", "the weather was calm .")
+    examples, skipped = common.tokenize_pref([row], tok, 64, 48, source="pref.jsonl")
+    assert skipped == 0
+    e = examples[0]
+    p = tok(expected_prompt, add_special_tokens=False).input_ids
+    assert e["prompt_ids"] == p
+    for key, text in (("chosen", "alice found car"), ("rejected", "the weather was calm .")):
+        r = ids_of(tok, text) + [tok.eos_token_id]
+        assert e[key]["input_ids"] == p + r
+        assert e[key]["labels"] == [IGNORE_INDEX] * len(p) + r
+    # an explicit conversational prompt gives the same split
+    explicit = {"prompt": shared, "chosen": row["chosen"][-1:], "rejected": row["rejected"][-1:]}
+    assert common.pref_texts(explicit, tok, "x") == common.pref_texts(row, tok, "x")
+
+
+def test_implicit_prompt_rows_must_share_all_but_last_turn(tiny):
+    _, tok = tiny
+    tok.chat_template = TEMPLATE
+    row = {"chosen": CHAT, "rejected": [{"role": "user", "content": "something else"}, CHAT[1]]}
+    with pytest.raises(DataError) as err:
+        common.tokenize_pref([PREF_ROWS[0], row], tok, 64, 48, source="pref.jsonl")
+    assert_names(str(err.value), "pref.jsonl", row=2, field="prompt")
+
+
+# ------------------------------------------------------------------------------------------------
+# formats and load_data
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows", [SFT_ROWS, PREF_ROWS, [{"messages": CHAT}, {"messages": CHAT[:1] + [{"role": "assistant", "content": "bob"}]}]],
+                         ids=["sft", "pref", "chat"])
+def test_json_jsonl_parquet_read_the_same_rows(tmp_path, rows):
+    got = {fmt: common.read_rows(str(write(tmp_path / f"data.{fmt}", rows))) for fmt in ("jsonl", "json", "parquet")}
+    for fmt, read in got.items():
+        assert read == rows, fmt
+
+
+def test_load_data_same_from_every_format(tiny, tmp_path):
+    _, tok = tiny
+    results = {}
+    for fmt in ("jsonl", "json", "parquet"):
+        sft = write(tmp_path / f"sft.{fmt}", SFT_ROWS)
+        pref = write(tmp_path / f"pref.{fmt}", PREF_ROWS)
+        results[fmt] = common.load_data(make_cfg(sft_data=str(sft), pref_data=str(pref)), tok)
+    data = results["jsonl"]
+    assert results["json"] == data and results["parquet"] == data
+    assert not data["builtin"]
+    assert [e["prompt"] for e in data["sft"]] == [r["prompt"] for r in SFT_ROWS[:3]]  # last eval_size=2 held out
+    assert data["test"] == [{"prompt": r["prompt"], "reference": r["completion"]} for r in SFT_ROWS[3:]]
+    assert [e["prompt"] for e in data["pref"]] == [r["prompt"] for r in PREF_ROWS]
+    first = data["sft"][0]
+    assert first["labels"] == [IGNORE_INDEX] * len(ids_of(tok, SFT_ROWS[0]["prompt"])) + \
+        ids_of(tok, SFT_ROWS[0]["completion"]) + [tok.eos_token_id]
+
+
+def test_load_data_with_eval_file(tiny, tmp_path):
+    _, tok = tiny
+    sft = write(tmp_path / "sft.jsonl", SFT_ROWS)
+    pref = write(tmp_path / "pref.jsonl", PREF_ROWS)
+    test = write(tmp_path / "test.jsonl", SFT_ROWS[:1])
+    data = common.load_data(make_cfg(sft_data=str(sft), pref_data=str(pref), eval_data=str(test)), tok)
+    assert len(data["sft"]) == len(SFT_ROWS)
+    assert data["test"] == [{"prompt": SFT_ROWS[0]["prompt"], "reference": SFT_ROWS[0]["completion"]}]
+
+
+def test_load_data_builtin_task(tiny):
+    _, tok = tiny
+    data = common.load_data(make_cfg(n_sft=20, n_pref=10, eval_size=5, max_length=128, max_prompt_length=100), tok)
+    assert data["builtin"]
+    assert (len(data["sft"]), len(data["pref"]), len(data["test"])) == (20, 10, 5)
+    for e in data["sft"]:
+        assert e["labels"][-1] == tok.eos_token_id and e["input_ids"][-1] == tok.eos_token_id
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet"])
+def test_load_data_bad_training_row(tiny, tmp_path, fmt):
+    _, tok = tiny
+    rows = [dict(r) for r in SFT_ROWS]
+    rows[1]["prompt"] = " "  # row 2 of the file, in the training part
+    sft = write(tmp_path / f"sft.{fmt}", rows)
+    pref = write(tmp_path / f"pref.{fmt}", PREF_ROWS)
+    with pytest.raises(DataError) as err:
+        common.load_data(make_cfg(sft_data=str(sft), pref_data=str(pref)), tok)
+    assert_names(str(err.value), sft, row=2, field="prompt")
+
+
+def test_load_data_bad_preference_row(tiny, tmp_path):
+    _, tok = tiny
+    rows = [dict(r) for r in PREF_ROWS]
+    rows[2]["rejected"] = ""
+    sft = write(tmp_path / "sft.jsonl", SFT_ROWS)
+    pref = write(tmp_path / "pref.jsonl", rows)
+    with pytest.raises(DataError) as err:
+        common.load_data(make_cfg(sft_data=str(sft), pref_data=str(pref)), tok)
+    assert_names(str(err.value), pref, row=3, field="rejected")
+
+
+def test_load_data_bad_held_out_row_names_its_row_in_the_file(tiny, tmp_path):
+    """The held-out evaluation rows are the file's last eval_size rows: an error in one of them must
+    name its row number in the file (row 5 here), not its position among the held-out rows."""
+    _, tok = tiny
+    rows = [dict(r) for r in SFT_ROWS]
+    rows[4]["completion"] = ""  # file row 5 of 5; eval_size 2 holds out rows 4 and 5
+    sft = write(tmp_path / "sft.jsonl", rows)
+    pref = write(tmp_path / "pref.jsonl", PREF_ROWS)
+    with pytest.raises(DataError) as err:
+        common.load_data(make_cfg(sft_data=str(sft), pref_data=str(pref)), tok)
+    assert_names(str(err.value), sft, row=5, field="completion")
+
+
+def test_load_data_too_few_rows_for_eval(tiny, tmp_path):
+    _, tok = tiny
+    sft = write(tmp_path / "sft.jsonl", SFT_ROWS[:2])
+    pref = write(tmp_path / "pref.jsonl", PREF_ROWS)
+    with pytest.raises(DataError) as err:
+        common.load_data(make_cfg(sft_data=str(sft), pref_data=str(pref)), tok)
+    assert_names(str(err.value), sft)
+    assert "eval_size" in str(err.value)
+
+
+def test_load_data_missing_file(tiny, tmp_path):
+    _, tok = tiny
+    sft = write(tmp_path / "sft.jsonl", SFT_ROWS)
+    with pytest.raises(DataError) as err:
+        common.load_data(make_cfg(sft_data=str(sft), pref_data=str(tmp_path / "missing.parquet")), tok)
+    assert_names(str(err.value), tmp_path / "missing.parquet")

@@ -1,0 +1,297 @@
+"""Fisher / EWC / HBAT importance math in common.py, checked against brute force or by-hand values."""
+import math
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import common as C  # noqa: E402
+
+
+# ============================================================================================
+# 1. empirical Fisher
+# ============================================================================================
+
+
+@pytest.fixture(scope="module")
+def small_model_and_examples():
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = C.build_tiny_tokenizer()
+    torch.manual_seed(0)
+    config = C.tiny_config(tokenizer, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(config).float()
+    C.disable_dropout(model)
+    rows = C.builtin_task(seed=0, n_sft=30, n_pref=2, n_test=2)["sft"]
+    examples, skipped = C.tokenize_sft(rows, tokenizer, max_length=512, max_prompt_length=256)
+    assert skipped == 0
+    # four examples of different lengths (so a padded batch would differ from one-at-a-time)
+    picked = []
+    for e in examples:
+        if all(len(e["input_ids"]) != len(p["input_ids"]) for p in picked):
+            picked.append(e)
+        if len(picked) == 4:
+            break
+    assert len(picked) == 4, "could not find 4 examples of different lengths"
+    return model, picked
+
+
+def per_sample_grads(model, examples):
+    """Gradient of each sample's summed response log-prob, one sample at a time, no padding,
+    log-softmax written out by hand."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    grads = []
+    for e in examples:
+        ids = torch.tensor([e["input_ids"]])
+        labels = torch.tensor(e["labels"])
+        logits = model(input_ids=ids).logits[0].float()  # (T, V)
+        logp = logits.log_softmax(-1)
+        total = 0.0
+        for t in range(1, len(labels)):
+            if labels[t] != C.IGNORE_INDEX:
+                total = total + logp[t - 1, labels[t]]
+        g = torch.autograd.grad(total, params, allow_unused=True)
+        grads.append({n: (torch.zeros_like(p) if gi is None else gi.detach()) for n, p, gi in zip(names, params, g)})
+    return grads
+
+
+def test_empirical_fisher_is_mean_of_per_sample_squared_gradients(small_model_and_examples):
+    model, examples = small_model_and_examples
+    lengths = [len(e["input_ids"]) for e in examples]
+    assert len(set(lengths)) == 4  # padding would matter if the implementation batched them
+
+    fisher = C.empirical_fisher(model, examples, device=torch.device("cpu"))
+    grads = per_sample_grads(model, examples)
+
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert set(fisher) == set(names)
+    expected = {n: sum(g[n] ** 2 for g in grads) / len(grads) for n in names}
+    for n in names:
+        assert fisher[n].dtype == torch.float32
+        assert fisher[n].shape == expected[n].shape
+        torch.testing.assert_close(fisher[n], expected[n], rtol=1e-4, atol=1e-12, msg=lambda m: f"{n}: {m}")
+    # the Fisher is not all zero (the check above would then be vacuous)
+    assert sum(f.abs().sum().item() for f in fisher.values()) > 0
+
+    # ... and it is not the square of the batch-mean gradient: that is smaller (Jensen) and far off
+    squared_mean = {n: (sum(g[n] for g in grads) / len(grads)) ** 2 for n in names}
+    total_fisher = sum(fisher[n].sum().item() for n in names)
+    total_squared_mean = sum(squared_mean[n].sum().item() for n in names)
+    assert total_squared_mean < 0.9 * total_fisher
+    for n in names:
+        assert (fisher[n] >= squared_mean[n] * (1 - 1e-4) - 1e-12).all(), n
+
+    # gradients are cleared afterwards: the Fisher pass must not leak into the next optimizer step
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_empirical_fisher_skips_frozen_parameters(small_model_and_examples):
+    model, examples = small_model_and_examples
+    frozen = "model.embed_tokens.weight"
+    param = dict(model.named_parameters())[frozen]
+    param.requires_grad_(False)
+    try:
+        fisher = C.empirical_fisher(model, examples[:2], device=torch.device("cpu"))
+    finally:
+        param.requires_grad_(True)
+    assert frozen not in fisher
+    assert len(fisher) == len(list(model.parameters())) - 1
+
+
+# ============================================================================================
+# 2. textbook EWC penalty
+# ============================================================================================
+
+
+def test_ewc_penalty_value_and_gradient_on_linear():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        layer.bias.copy_(torch.tensor([0.5, -0.5]))
+    anchor = C.snapshot(layer)
+    fisher = {"weight": torch.tensor([[1.0, 0.5], [2.0, 0.0]]), "bias": torch.tensor([4.0, 1.0])}
+    lam = 3.0
+
+    # 0 at the anchor, with zero gradient
+    at_anchor = C.ewc_penalty(layer, fisher, anchor, lam)
+    assert at_anchor.item() == 0.0
+    at_anchor.backward()
+    assert all(float(p.grad.abs().sum()) == 0.0 for p in layer.parameters())
+    layer.zero_grad(set_to_none=True)
+
+    with torch.no_grad():
+        layer.weight += torch.tensor([[1.0, -2.0], [0.5, 3.0]])
+        layer.bias += torch.tensor([-1.0, 0.25])
+    # by hand: (lam/2) * sum F d^2
+    #   weight: 1*1 + 0.5*4 + 2*0.25 + 0*9 = 3.5 ; bias: 4*1 + 1*0.0625 = 4.0625 ; total 7.5625
+    value = C.ewc_penalty(layer, fisher, anchor, lam)
+    assert value.item() == pytest.approx(0.5 * 3.0 * 7.5625, rel=1e-6)
+
+    value.backward()
+    for name, p in layer.named_parameters():
+        expected = lam * fisher[name] * (p.detach() - anchor[name])
+        torch.testing.assert_close(p.grad, expected, rtol=1e-6, atol=0.0)
+
+
+def test_ewc_penalty_anchor_is_a_detached_copy():
+    layer = torch.nn.Linear(3, 1)
+    anchor = C.snapshot(layer)
+    assert all(not a.requires_grad for a in anchor.values())
+    with torch.no_grad():
+        layer.weight += 1.0  # moving the model must not move the anchor
+    fisher = {n: torch.ones_like(a) for n, a in anchor.items()}
+    assert C.ewc_penalty(layer, fisher, anchor, lam=2.0).item() == pytest.approx(3.0, rel=1e-6)  # 0.5*2*3*1
+
+
+# ============================================================================================
+# 3. HBAT importance and penalty
+# ============================================================================================
+
+
+def test_drift_importance_by_hand():
+    before = {"a": torch.tensor([0.5, -0.25]), "b": torch.tensor([[1.0, 2.0], [3.0, 4.0]])}
+    after = {"a": torch.tensor([0.75, -0.5]),  # drift 0.25, -0.25
+             "b": torch.tensor([[1.0, 2.5], [3.0, 2.0]])}  # drift 0, 0.5, 0, -2
+    # s = 1: mean of squared drifts
+    raw = C.drift_importance(before, after, mse_factor=1.0)
+    assert set(raw) == {"a", "b"}
+    assert raw["a"] == pytest.approx((0.0625 + 0.0625) / 2, rel=1e-12)
+    assert raw["b"] == pytest.approx((0.0 + 0.25 + 0.0 + 4.0) / 4, rel=1e-12)
+    # s = 1e10: scaled by s^2 = 1e20 (no float32 overflow, no loss of precision)
+    raw = C.drift_importance(before, after)  # default s = 1e10
+    assert raw["a"] == pytest.approx(0.0625 * 1e20, rel=1e-12)
+    assert raw["b"] == pytest.approx(1.0625 * 1e20, rel=1e-12)
+    assert all(isinstance(v, float) for v in raw.values())
+
+
+def test_drift_importance_small_float32_drift_at_default_scale():
+    # a realistic drift on float32 weights: the difference is taken before scaling and in float64
+    before = {"w": torch.full((4,), 0.1, dtype=torch.float32)}
+    after = {"w": before["w"] + torch.tensor([1e-3, -1e-3, 2e-3, 0.0])}
+    d = (after["w"].double() - before["w"].double())
+    expected = ((d * 1e10) ** 2).mean().item()
+    raw = C.drift_importance(before, after)
+    assert raw["w"] == pytest.approx(expected, rel=1e-12)
+    assert math.isfinite(raw["w"]) and raw["w"] == pytest.approx(1.5e14, rel=1e-3)
+    assert C.drift_importance(before, {"w": before["w"].clone()})["w"] == 0.0
+
+
+def test_softmax_importance_by_hand():
+    raw = {"a": 0.0, "b": 1.0, "c": 2.0, "d": -1.5}
+    w = C.softmax_importance(raw)
+    assert list(w) == list(raw)
+    z = sum(math.exp(v) for v in raw.values())
+    for n, v in raw.items():
+        assert w[n] == pytest.approx(math.exp(v) / z, rel=1e-12)
+    assert sum(w.values()) == pytest.approx(1.0, abs=1e-12)
+    # shift invariance, and no overflow with huge raw scores
+    w_big = C.softmax_importance({n: v + 1e6 for n, v in raw.items()})
+    for n in raw:
+        assert w_big[n] == pytest.approx(w[n], rel=1e-9)
+
+
+def test_softmax_importance_is_one_hot_at_default_scale():
+    torch.manual_seed(0)
+    before = {f"t{i}": torch.randn(8, 8) for i in range(5)}
+    sizes = [1.0e-3, 1.3e-3, 0.7e-3, 2.0e-3, 1.1e-3]  # realistic drifts of different sizes per tensor
+    after = {n: before[n] + s * torch.randn(8, 8).sign() for n, s in zip(before, sizes)}
+    w = C.softmax_importance(C.drift_importance(before, after))  # default s = 1e10
+    assert sum(w.values()) == pytest.approx(1.0, abs=1e-12)
+    assert w["t3"] == 1.0
+    assert all(w[n] == 0.0 for n in w if n != "t3")
+    # with s = 1 the same drifts give (nearly) uniform weights: s is a temperature
+    w1 = C.softmax_importance(C.drift_importance(before, after, mse_factor=1.0))
+    assert all(w1[n] == pytest.approx(0.2, rel=1e-4) for n in w1)
+
+
+def test_accumulate_importance_adds_raw_scores():
+    first = {"a": 1.5, "b": 2.0}
+    second = {"a": 0.25, "b": 10.0}
+    acc = C.accumulate_importance(None, first)
+    assert acc == first
+    assert acc is not first  # a copy: later updates must not change the caller's dict
+    acc = C.accumulate_importance(acc, second)
+    assert acc == {"a": 1.75, "b": 12.0}
+    assert first == {"a": 1.5, "b": 2.0} and second == {"a": 0.25, "b": 10.0}  # inputs untouched
+    # huge raw scores (s = 1e10) add without loss
+    big = C.accumulate_importance(C.accumulate_importance(None, {"a": 1e20}), {"a": 3e20})
+    assert big["a"] == pytest.approx(4e20, rel=1e-15)
+
+
+class TwoTensors(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+        self.b = torch.nn.Parameter(torch.tensor([[0.5, 0.0, 1.0]]))
+
+
+def test_hbat_penalty_by_hand():
+    model = TwoTensors()
+    anchor = C.snapshot(model)
+    weights = {"a": 0.25, "b": 0.75}
+
+    at_anchor = C.hbat_penalty(model, weights, anchor, lam=2.0, max_weight=100.0)
+    assert at_anchor.item() == 0.0
+
+    with torch.no_grad():
+        model.a += torch.tensor([1.0, -0.5])  # d_a = (1, -0.5)
+        model.b += torch.tensor([[2.0, 0.0, -1.0]])  # d_b = (2, 0, -1)
+    # M * sum_n w_n * sum_j (lam * d)^2 with lam = 2, M = 100:
+    #   a: 0.25 * 4 * (1 + 0.25) = 1.25 ;  b: 0.75 * 4 * (4 + 0 + 1) = 15 ;  total 100 * 16.25 = 1625
+    value = C.hbat_penalty(model, weights, anchor, lam=2.0, max_weight=100.0)
+    assert value.item() == pytest.approx(1625.0, rel=1e-6)
+    value.backward()
+    # gradient: M * w_n * 2 * lam^2 * d
+    torch.testing.assert_close(model.a.grad, 100 * 0.25 * 2 * 4 * torch.tensor([1.0, -0.5]))
+    torch.testing.assert_close(model.b.grad, 100 * 0.75 * 2 * 4 * torch.tensor([[2.0, 0.0, -1.0]]))
+
+    # defaults lam = 1, M = 100
+    assert C.hbat_penalty(model, weights, anchor).item() == pytest.approx(100 * (0.25 * 1.25 + 0.75 * 5), rel=1e-6)
+
+
+def test_hbat_penalty_skips_zero_weight_tensors():
+    model = TwoTensors()
+    anchor = C.snapshot(model)
+    with torch.no_grad():
+        model.a += torch.tensor([3.0, 1.0])
+        model.b += torch.tensor([[1.0, 1.0, 1.0]])
+    value = C.hbat_penalty(model, {"a": 0.0, "b": 1.0}, anchor, lam=1.0, max_weight=10.0)
+    assert value.item() == pytest.approx(10 * 3.0, rel=1e-6)  # only b: 10 * 1 * (1+1+1)
+    value.backward()
+    assert model.a.grad is None  # a was skipped, not multiplied by 0
+    assert model.b.grad is not None
+
+    # skipping changes nothing: a zero-weight tensor is skipped even when its drift is not finite
+    with torch.no_grad():
+        model.a.fill_(float("inf"))
+    value = C.hbat_penalty(model, {"a": 0.0, "b": 1.0}, anchor, lam=1.0, max_weight=10.0)
+    assert value.item() == pytest.approx(30.0, rel=1e-6)
+
+    # all weights zero: a 0-dim zero tensor, not a Python int
+    none = C.hbat_penalty(model, {"a": 0.0, "b": 0.0}, anchor)
+    assert torch.is_tensor(none) and none.dim() == 0 and none.item() == 0.0
+
+
+def test_hbat_penalty_with_one_hot_weights_from_realistic_drift():
+    # end to end: drift -> importance -> softmax (one-hot) -> penalty on the most-drifted tensor only
+    model = TwoTensors()
+    start = C.snapshot(model)
+    with torch.no_grad():
+        model.a += 1e-3
+        model.b += 2e-3  # b drifted more
+    w = C.softmax_importance(C.accumulate_importance(None, C.drift_importance(start, C.snapshot(model))))
+    assert w == {"a": 0.0, "b": 1.0}
+    anchor = C.snapshot(model)
+    with torch.no_grad():
+        model.a += 1.0
+        model.b += 1.0
+    assert C.hbat_penalty(model, w, anchor).item() == pytest.approx(100 * 3.0, rel=1e-5)
