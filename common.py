@@ -286,8 +286,11 @@ class DataError(ValueError):
     """Bad input, reported with the file, row and field before any training starts."""
 
 
-def read_rows(spec: str, split: str = "train") -> list[dict]:
-    """Rows of a local .json/.jsonl/.parquet file, or of a hub data set by name (via `datasets`)."""
+def read_rows(spec: str, split: str = "train", limit: int = 0) -> list[dict]:
+    """Rows of a local .json/.jsonl/.parquet file, or of a hub data set by name (via `datasets`);
+    the first `limit` rows when limit > 0."""
+    if limit > 0:
+        return read_rows(spec, f"{split}[:{limit}]" if not Path(spec).exists() else split)[:limit]
     path = Path(spec)
     if path.suffix in (".json", ".jsonl", ".parquet") or path.exists():
         if not path.is_file():
@@ -1024,8 +1027,8 @@ class TrainConfig:
     pref_data: str = ""  # preference rows (prompt/chosen/rejected): file or hub name; empty = built-in task
     eval_data: str = ""  # held-out SFT-format rows for evaluation; empty = the last `eval_size` SFT rows
     eval_size: int = 100  # number of test prompts
-    n_sft: int = 3000  # built-in task: SFT rows generated
-    n_pref: int = 2000  # built-in task: preference pairs generated
+    n_sft: int = 3000  # SFT rows: generated (built-in task) or the first n_sft of --sft_data (0 = all)
+    n_pref: int = 2000  # preference pairs: generated, or the first n_pref of --pref_data (0 = all)
     max_length: int = 512  # prompt + response tokens; longer rows are truncated
     max_prompt_length: int = 256  # a truncated prompt keeps its last this-many tokens
     # --- optimisation
@@ -1109,8 +1112,9 @@ def load_data(cfg, tokenizer) -> dict:
     training. Built-in task when no data is given. Overlong rows are skipped, counted and reported."""
     first_test_row = 1
     if cfg.sft_data:
-        sft_rows, sft_source = read_rows(cfg.sft_data), cfg.sft_data
-        pref_rows, pref_source = read_rows(cfg.pref_data), cfg.pref_data
+        sft_limit = cfg.n_sft + (0 if cfg.eval_data else cfg.eval_size) if cfg.n_sft > 0 else 0  # + held-out rows
+        sft_rows, sft_source = read_rows(cfg.sft_data, limit=sft_limit), cfg.sft_data
+        pref_rows, pref_source = read_rows(cfg.pref_data, limit=cfg.n_pref), cfg.pref_data
         if cfg.eval_data:
             test_rows, test_source = read_rows(cfg.eval_data, split="test"), cfg.eval_data
         else:

@@ -86,8 +86,9 @@ def main(cfg: Config) -> dict:
     print("rougeL: F1 against the reference (instruction following); reward: "
           + ("gold reward" if data["builtin"] else "reward model score" if score_fn else "n/a (no --reward_model)")
           + "; win_rate: against the SFT model's response (ties 1/2); length: tokens")
-    ex = results["examples"][0]
-    print(f"\nexample prompt: {ex['prompt']}\n  reference: {ex['reference']}\n  sft:       {ex['sft']}\n  sft+{cfg.pref}:  {ex[f'sft+{cfg.pref}']}")
+    print(f"\nexample prompt: {results['examples'][0]['prompt']}")
+    for key in ("reference", "sft", f"sft+{cfg.pref}"):
+        print(f"  {key + ':':11}{results['examples'][0][key]}")
     print(f"\nsaved {out / 'sft'}, {out / 'final'}, {out / 'results.json'}")
     return results
 

@@ -7,6 +7,7 @@ Prints milliseconds per optimizer step, tokens per second and peak GPU memory. N
 
     python experiments/benchmark.py                      # SmolLM2-135M shape, bf16 autocast on CUDA
     python experiments/benchmark.py --shape tiny         # the built-in task's model (CPU-friendly)
+    python experiments/benchmark.py --save_model DIR     # save the random model for two_stage_baseline.py --model DIR
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ def main():
     parser.add_argument("--prompt_len", type=int, default=128)
     parser.add_argument("--response_len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per stage (after 2 warm-up)")
+    parser.add_argument("--save_model", default="", help="only save the random model + tiny tokenizer here (for "
+                        "two_stage_baseline.py --model DIR) and exit")
     args = parser.parse_args()
 
     device = C.pick_device(args.device)
@@ -57,6 +60,9 @@ def main():
 
     config = C.tiny_config(tokenizer, **SHAPES[args.shape])
     policy = AutoModelForCausalLM.from_config(config).to(device)
+    if args.save_model:
+        C.save_model(policy, tokenizer, args.save_model)
+        return
     vocab = config.vocab_size
     n_params = sum(p.numel() for p in policy.parameters())
     cfg = dataclasses.replace(C.TrainConfig(), batch_size=args.batch_size, sft_epochs=1, pref_epochs=1,
@@ -92,6 +98,7 @@ def main():
         rows.append((name, 1000 * seconds / args.steps, k * tokens_per_step * args.steps / seconds, peak))
 
     # PPO: policy, reference, reward and value models (the two scalar-head models share the policy's shape)
+    config.num_labels = 1  # a scalar head, as common.load_reward_model makes
     reward_model = AutoModelForSequenceClassification.from_config(config).to(device).requires_grad_(False).eval()
     value_model = AutoModelForSequenceClassification.from_config(config).to(device)
     policy_opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
