@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import re
 from dataclasses import dataclass
@@ -63,12 +62,12 @@ def seed_everything(seed: int) -> None:
 # The built-in task: a miniature of the papers' summarization setting
 # ============================================================================================
 # A document is a few facts "NAME VERB the OBJECT in the PLACE ." mixed with filler sentences.
-# The SFT reference summary lists the facts as "NAME VERB OBJECT", joined by " ; " (9 times in 10),
-# in document order. The gold reward (standing in for human preference) pays for correct content and also for a
-# style the references lack: clauses joined by " and ", read as a sentence, rather than the
-# references' terse " ; " list. So instruction following (ROUGE-L against the reference, on words)
-# and preference (gold reward) partly conflict, as in the HBAT paper: every "and" is a word the
-# reference does not have.
+# The SFT reference summary lists the facts as "NAME VERB OBJECT" in document order, joined by
+# " ; " (9 times in 10). The gold reward (standing in for human preference) pays for correct content
+# and also for a style the references mostly lack: clauses joined by " and ", read as a sentence,
+# rather than the references' terse " ; " list. So instruction following (ROUGE-L against the
+# reference, on words) and preference (gold reward) partly conflict, as in the HBAT paper: every
+# "and" is a word the reference does not have.
 
 NAMES = "alice bob carol dave erin frank grace heidi ivan judy mallory oscar peggy trent victor wendy".split()
 VERBS = "found painted sold bought moved cleaned fixed lost washed opened".split()
@@ -168,12 +167,11 @@ def builtin_task(seed: int = 0, n_sft: int = 3000, n_pref: int = 2000, n_test: i
         if prompt not in seen:
             seen.add(prompt)
             test.append({"prompt": prompt, "completion": reference(facts)})
-    test_prompts = set(seen)
 
-    def fresh_document():
+    def fresh_document():  # a training document whose prompt is not a test prompt
         while True:
             prompt, facts = make_document(rng)
-            if prompt not in test_prompts:
+            if prompt not in seen:
                 return prompt, facts
 
     sft = []
@@ -211,7 +209,7 @@ def build_tiny_tokenizer():
 
 
 def tiny_config(tokenizer, **overrides):
-    """A small Llama-style config for the built-in task (~0.4M parameters): trains in a minute on CPU."""
+    """A small Llama-style config for the built-in task (0.34M parameters): SFT takes ~12 s on 2 CPU cores."""
     from transformers import LlamaConfig
 
     kwargs = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -288,37 +286,41 @@ class DataError(ValueError):
 
 def read_rows(spec: str, split: str = "train", limit: int = 0) -> list[dict]:
     """Rows of a local .json/.jsonl/.parquet file, or of a hub data set by name (via `datasets`);
-    the first `limit` rows when limit > 0."""
-    if limit > 0:
-        return read_rows(spec, f"{split}[:{limit}]" if not Path(spec).exists() else split)[:limit]
+    only the first `limit` rows when limit > 0."""
     path = Path(spec)
     if path.suffix in (".json", ".jsonl", ".parquet") or path.exists():
-        if not path.is_file():
-            raise DataError(f"{spec}: file not found")
-        if path.suffix == ".jsonl":
-            rows = []  # row N = the N-th non-blank line, as in every other message
-            for line_no, line in enumerate(path.read_text().splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{spec}: row {len(rows) + 1} (line {line_no}): not valid JSON ({e.msg})") from None
-            return rows
-        if path.suffix == ".json":
-            try:
-                data = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise DataError(f"{spec}: not valid JSON (line {e.lineno}: {e.msg})") from None
-            if not isinstance(data, list):
-                raise DataError(f"{spec}: expected a JSON list of row objects, got {type(data).__name__}")
-            return data
+        rows = _read_file(path)
+    else:
         import datasets
 
-        return list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
+        rows = list(datasets.load_dataset(spec, split=f"{split}[:{limit}]" if limit > 0 else split))
+    return rows[:limit] if limit > 0 else rows
+
+
+def _read_file(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    if path.suffix == ".jsonl":
+        rows = []  # row N = the N-th non-blank line, as in every other message
+        for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: row {len(rows) + 1} (line {line_no}): not valid JSON ({e.msg})") from None
+        return rows
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of row objects, got {type(data).__name__}")
+        return data
     import datasets
 
-    return list(datasets.load_dataset(spec, split=split))
+    return list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
 
 
 def _text_or_messages(value, where: str, field: str):
