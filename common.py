@@ -3,9 +3,10 @@
 Read top to bottom, this file is: device and seeding; the built-in task; model and tokenizer loading;
 data loading, validation and tokenization; log-probs; the losses (SFT, DPO, Bradley-Terry, PPO); the
 Fisher/EWC math; the training loops (one SFT stage, one DPO stage, reward-model training, one PPO
-rollout/update step); generation; evaluation; saving. Every function is small and tested in tests/.
+rollout/update step); generation; evaluation; configuration. Functions are small; tests/ checks them.
 Conventions (../shared/METHODS.md section 4): labels are built before padding, prompt and padding
-labels are IGNORE_INDEX, EOS is appended to every response and always labelled, log-probs are float32.
+labels are IGNORE_INDEX, EOS is appended to every response and labelled (only truncation can cut it),
+log-probs are float32.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """Compute dtype for autocast. `auto` -> bfloat16 on CUDA, float32 on CPU. Weights stay float32
     (mixed precision), so optimizer state and small updates are not lost to bf16 rounding."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
 
 
@@ -204,7 +205,7 @@ def build_tiny_tokenizer():
     vocab = {word: i for i, word in enumerate(task_vocabulary())}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # words joined by single spaces, nothing else
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
 
 
@@ -238,30 +239,48 @@ def load_model_and_tokenizer(name: str = "tiny", trust_remote_code: bool = False
         raise ValueError(f"{name}: the tokenizer has no EOS token; responses could never end")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id
+    # One EOS and one pad everywhere: the tokenizer's. A checkpoint's config may list several EOS ids,
+    # and its generation_config may carry sampling defaults (repetition penalty, min_p, ...) that
+    # transformers would silently merge into every generate() call: evaluation must be plain greedy
+    # and PPO rollouts plain samples from pi.
+    from transformers import GenerationConfig
+
+    model.config.pad_token_id, model.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    model.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                               bos_token_id=tokenizer.bos_token_id)
     disable_dropout(model)
     return model, tokenizer
 
 
-def load_reward_model(path: str, trust_remote_code: bool = False):
-    """A causal LM checkpoint with a fresh scalar head (AutoModelForSequenceClassification, 1 label):
-    the reward model, and the PPO value model initialised from it. We read the head ourselves at
-    every token (score_tokens), so pad == EOS does not confuse the last-token lookup."""
-    from transformers import AutoModelForSequenceClassification
+def load_reward_model(path: str, tokenizer, trust_remote_code: bool = False):
+    """A checkpoint with a scalar head (AutoModelForSequenceClassification, 1 label; a causal LM
+    checkpoint gets a fresh head): the reward model, and the PPO value model initialised from it.
+    It must share the policy's tokenizer, since it scores the policy's token ids. We read the head
+    ourselves at every token (score_tokens), so pad == EOS does not confuse the last-token lookup."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"{path}: the reward model's tokenizer differs from the policy's; it must score the same ids")
 
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32,
                                                                trust_remote_code=trust_remote_code)
     if not hasattr(model, "score"):
         raise ValueError(f"{path}: {type(model).__name__} has no `score` head; unsupported as a reward model")
+    model.config.pad_token_id = tokenizer.pad_token_id
     disable_dropout(model)
     return model
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout off in policy, reference, reward and value models: log-ratios must be deterministic."""
-    for module in model.modules():
+    """Dropout off in policy, reference, reward and value models: log-ratios must be deterministic.
+    Attention dropout in most HF models is a float read at run time, not an nn.Dropout module."""
+    for module in [model, *model.modules()]:
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    if hasattr(model.config, "attention_dropout"):
+        model.config.attention_dropout = 0.0
 
 
 def save_model(model, tokenizer, path: str | Path) -> None:
@@ -288,9 +307,9 @@ def read_rows(spec: str, split: str = "train", limit: int = 0) -> list[dict]:
     """Rows of a local .json/.jsonl/.parquet file, or of a hub data set by name (via `datasets`);
     only the first `limit` rows when limit > 0."""
     path = Path(spec)
-    if path.suffix in (".json", ".jsonl", ".parquet") or path.exists():
+    if path.suffix in (".json", ".jsonl", ".parquet") or path.is_file():
         rows = _read_file(path)
-    else:
+    else:  # a hub data set name, or a local data set folder
         import datasets
 
         rows = list(datasets.load_dataset(spec, split=f"{split}[:{limit}]" if limit > 0 else split))
@@ -400,15 +419,33 @@ def encode_response(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
 
 
-def truncate(prompt_ids: list[int], responses: list[list[int]], max_length: int, max_prompt_length: int):
-    """If prompt + longest response exceeds max_length, the prompt loses its left side first (down to
-    max_prompt_length), then responses lose their right side. None if no response token is left."""
-    if len(prompt_ids) + max(map(len, responses)) > max_length:
-        prompt_ids = prompt_ids[-max_prompt_length:] if max_prompt_length > 0 else []
+def keep_last(ids: list[int], n: int, bos_id: int | None = None) -> list[int]:
+    """The last n tokens of ids; a leading BOS survives the cut (it still counts towards n)."""
+    if len(ids) <= n:
+        return ids
+    if n > 0 and bos_id is not None and ids[:1] == [bos_id]:
+        return [bos_id] + ids[len(ids) - n + 1:]
+    return ids[len(ids) - n:] if n > 0 else []
+
+
+def truncate(prompt_ids: list[int], responses: list[list[int]], max_length: int, max_prompt_length: int,
+             bos_id: int | None = None):
+    """If prompt + longest response exceeds max_length, the prompt loses its left side first, as much
+    as needed but never below max_prompt_length tokens; then responses lose their right side (and so
+    their EOS). None if no response token is left."""
+    longest = max(map(len, responses))
+    if len(prompt_ids) + longest > max_length:
+        prompt_ids = keep_last(prompt_ids, max(max_length - longest, max_prompt_length), bos_id)
         responses = [r[: max(max_length - len(prompt_ids), 0)] for r in responses]
     if min(map(len, responses)) == 0:
         return None
     return prompt_ids, responses
+
+
+def generation_prompt(tokenizer, text: str, max_length: int, max_prompt_length: int, max_new_tokens: int) -> list[int]:
+    """Prompt ids for generation, cut by the same rule as training rows, leaving max_new_tokens room."""
+    ids = encode_prompt(tokenizer, text)
+    return keep_last(ids, max(max_length - max_new_tokens, max_prompt_length), tokenizer.bos_token_id)
 
 
 def sequence(prompt_ids: list[int], response_ids: list[int]) -> dict:
@@ -421,7 +458,8 @@ def tokenize_sft(rows, tokenizer, max_length: int, max_prompt_length: int, sourc
     texts = [sft_texts(row, tokenizer, f"{source}: row {i}") for i, row in enumerate(rows, start=1)]
     examples, skipped = [], 0
     for prompt, response in texts:
-        cut = truncate(encode_prompt(tokenizer, prompt), [encode_response(tokenizer, response)], max_length, max_prompt_length)
+        cut = truncate(encode_prompt(tokenizer, prompt), [encode_response(tokenizer, response)], max_length,
+                       max_prompt_length, tokenizer.bos_token_id)
         if cut is None:
             skipped += 1
             continue
@@ -434,8 +472,8 @@ def tokenize_pref(rows, tokenizer, max_length: int, max_prompt_length: int, sour
     texts = [pref_texts(row, tokenizer, f"{source}: row {i}") for i, row in enumerate(rows, start=1)]
     examples, skipped = [], 0
     for prompt, chosen, rejected in texts:
-        cut = truncate(encode_prompt(tokenizer, prompt),
-                       [encode_response(tokenizer, chosen), encode_response(tokenizer, rejected)], max_length, max_prompt_length)
+        cut = truncate(encode_prompt(tokenizer, prompt), [encode_response(tokenizer, chosen), encode_response(tokenizer, rejected)],
+                       max_length, max_prompt_length, tokenizer.bos_token_id)
         if cut is None:
             skipped += 1
             continue
@@ -484,7 +522,7 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     labels = labels[:, 1:]
     mask = labels != IGNORE_INDEX
     picked = torch.gather(logits, 2, labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
-    return (picked - torch.logsumexp(logits, dim=-1)) * mask, mask
+    return torch.where(mask, picked - torch.logsumexp(logits, dim=-1), 0.0), mask
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -557,22 +595,16 @@ def bradley_terry_loss(chosen_scores, rejected_scores):
     return -F.logsigmoid(chosen_scores - rejected_scores)
 
 
-def masked_mean(x, mask, dim=None):
+def masked_mean(x, mask):
     mask = mask.to(x.dtype)
-    if dim is None:
-        return (x * mask).sum() / mask.sum()
-    return (x * mask).sum(dim) / mask.sum(dim)
+    return (x * mask).sum() / mask.sum()
 
 
-def masked_whiten(x, mask, shift_mean: bool = True):
+def masked_whiten(x, mask):
     """(x - mean) / std over the masked entries (unbiased variance); padding stays as it was."""
-    mean = masked_mean(x, mask)
-    centered = x - mean
+    centered = x - masked_mean(x, mask)
     var = masked_mean(centered ** 2, mask) * mask.sum() / (mask.sum() - 1).clamp(min=1)
-    whitened = centered * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
-    return torch.where(mask.bool(), whitened, x)
+    return torch.where(mask.bool(), centered * torch.rsqrt(var + 1e-8), x)
 
 
 def kl_estimate(logps, ref_logps):
@@ -655,7 +687,7 @@ def empirical_fisher(model, examples: list[dict], device, dtype=torch.float32) -
 def ewc_penalty(model, fisher: dict, anchor: dict, lam: float) -> torch.Tensor:
     """Textbook EWC: (lambda / 2) * sum_j F_j (theta_j - anchor_j)^2."""
     params = trainable(model)
-    return 0.5 * lam * sum((fisher[n] * (params[n] - anchor[n]) ** 2).sum() for n in fisher)
+    return 0.5 * lam * sum(((fisher[n] * (params[n] - anchor[n]) ** 2).sum() for n in fisher), torch.zeros(()))
 
 
 def drift_importance(before: dict, after: dict, mse_factor: float = 1e10) -> dict[str, float]:
@@ -698,7 +730,7 @@ class NonFiniteLoss(RuntimeError):
 
 
 def chunks(items: list, n_chunks: int) -> list[list]:
-    """Split items into n_chunks contiguous, nearly equal, non-empty pieces (micro-batches)."""
+    """Contiguous micro-batches of ceil(len / n_chunks) items (n_chunks of them for a full batch)."""
     size = math.ceil(len(items) / n_chunks)
     return [items[i:i + size] for i in range(0, len(items), size)]
 
@@ -736,7 +768,8 @@ def train_epochs(model, examples: list, step_fn: Callable, cfg, *, lr: float, ep
                 metrics = step_fn(chunks(batch, cfg.grad_accum_steps))
                 if penalty is not None:
                     ewc = penalty()
-                    ewc.backward()
+                    if ewc.requires_grad:  # an all-zero penalty (every weight 0) has nothing to add
+                        ewc.backward()
                     metrics["loss/ewc"] = ewc.detach()
                 values = dict(zip(metrics, torch.stack([v.float() for v in metrics.values()]).tolist()))
                 check_finite(values, f"{desc}, epoch {epoch + 1}, step {bar.n + 1}")
@@ -832,9 +865,10 @@ def rollout_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: 
             "labels": labels, "query_width": query.shape[1]}
 
 
-def response_logps(model, batch: dict) -> torch.Tensor:
-    """log pi(y_t | x, y_<t) for each response token, aligned to the response columns (B, R)."""
-    logps, _ = token_logps(forward_logits(model, batch), batch["labels"])
+def response_logps(model, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(y_t | x, y_<t) for each response token, aligned to the response columns (B, R), under
+    the sampling temperature the rollout used (so the policy-gradient ratios are on-policy)."""
+    logps, _ = token_logps(forward_logits(model, batch) / temperature, batch["labels"])
     return logps[:, batch["query_width"] - 1:]
 
 
@@ -848,17 +882,18 @@ def ppo_step(policy, ref_model, reward_model, value_model, prompts: list[list[in
              value_optimizer, cfg, *, device, dtype, penalty: Callable | None = None) -> dict[str, float]:
     """One PPO iteration on a batch of prompts: sample responses, score them, per-token rewards
     (-kl_coef * KL + RM score on the last token), GAE with whitened advantages, then `ppo_epochs`
-    passes of clipped policy and clipped value updates over `ppo_minibatches` minibatches."""
+    passes of clipped policy and clipped value updates over `ppo_minibatches` minibatches (each one
+    forward pass: grad_accum_steps does not apply here)."""
     pad_id, eos_id = policy.config.pad_token_id, policy.config.eos_token_id
     policy.eval()
     responses = generate(policy, prompts, pad_id=pad_id, eos_id=eos_id, max_new_tokens=cfg.max_new_tokens,
                          batch_size=len(prompts), device=device, dtype=dtype, do_sample=True,
-                         temperature=cfg.temperature, top_p=cfg.top_p)
+                         temperature=cfg.temperature)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in rollout_batch(prompts, responses, pad_id).items()}
     mask = (batch["labels"][:, batch["query_width"]:] != IGNORE_INDEX).float()
     with torch.no_grad(), autocast(device, dtype):
-        old_logps = response_logps(policy, batch)
-        ref_logps = response_logps(ref_model, batch)
+        old_logps = response_logps(policy, batch, cfg.temperature)
+        ref_logps = response_logps(ref_model, batch, cfg.temperature)
         old_values = response_values(value_model, batch)
         scores = sequence_scores(reward_model, batch["input_ids"], batch["attention_mask"])
     rewards = ppo_rewards(scores, old_logps, ref_logps, mask, cfg.kl_coef)
@@ -868,13 +903,13 @@ def ppo_step(policy, ref_model, reward_model, value_model, prompts: list[list[in
     policy.train(), value_model.train()
     policy_params = [p for p in policy.parameters() if p.requires_grad]
     value_params = [p for p in value_model.parameters() if p.requires_grad]
-    sums = {"loss/policy": 0.0, "loss/value": 0.0, "clipfrac": 0.0, "loss/ewc": 0.0}
+    sums = {"loss/policy": 0.0, "loss/value": 0.0, "clipfrac": 0.0} | ({"loss/ewc": 0.0} if penalty else {})
     n_updates = 0
     for _ in range(cfg.ppo_epochs):
         for rows in chunks(torch.randperm(len(prompts)).tolist(), cfg.ppo_minibatches):
             sub = {k: v[rows] if torch.is_tensor(v) else v for k, v in batch.items()}
             with autocast(device, dtype):
-                logps = response_logps(policy, sub)
+                logps = response_logps(policy, sub, cfg.temperature)
             policy_loss, clipfrac = ppo_policy_loss(logps, old_logps[rows], advantages[rows], mask[rows], cfg.clip)
             ewc = penalty() if penalty is not None else torch.zeros((), device=device)
             with autocast(device, dtype):
@@ -889,9 +924,9 @@ def ppo_step(policy, ref_model, reward_model, value_model, prompts: list[list[in
             sums = {k: sums[k] + step_values[k] for k in sums}
             n_updates += 1
     kl = (kl_estimate(old_logps, ref_logps) * mask).sum(1)
-    summary_stats = torch.stack([scores.mean(), kl.mean(), mask.sum(1).mean(), (rewards * mask).sum(1).mean()]).tolist()
+    summary_stats = torch.stack([scores.mean(), kl.mean(), mask.sum(1).mean(), rewards.sum(1).mean()]).tolist()
     return {**{k: v / n_updates for k, v in sums.items()},
-            **dict(zip(["score", "kl", "response_length", "total_reward"], summary_stats))}
+            **dict(zip(["score", "kl", "response_tokens", "total_reward"], summary_stats))}
 
 
 def train_ppo(policy, ref_model, reward_model, value_model, prompts: list[list[int]], cfg, *, device, dtype,
@@ -968,26 +1003,35 @@ def win_rate(scores: list[float], other_scores: list[float]) -> float:
     return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, other_scores)) / len(scores)
 
 
-def reward_model_scorer(reward_model, tokenizer, cfg, device, dtype) -> Callable:
-    """score_fn(prompts, responses) -> rewards from a trained reward model (for real data)."""
+def reward_model_scorer(reward_model, pad_id: int, batch_size: int, device, dtype) -> Callable:
+    """score_fn from a trained reward model: r(x, y) on the generated token ids themselves (a response
+    cut at max_new_tokens is scored as the unfinished response it is)."""
     @torch.no_grad()
-    def score(prompts: list[str], responses: list[str]) -> list[float]:
+    def score(prompts, responses, prompt_ids, response_ids) -> list[float]:
         reward_model.eval()
         out = []
-        for start in range(0, len(prompts), cfg.eval_batch_size):
-            seqs = []
-            for prompt, response in zip(prompts[start:start + cfg.eval_batch_size], responses[start:start + cfg.eval_batch_size]):
-                cut = truncate(encode_prompt(tokenizer, prompt), [encode_response(tokenizer, response)], cfg.max_length, cfg.max_prompt_length)
-                seqs.append(sequence(*cut[:1], cut[1][0]))
-            batch = to_device(collate(seqs, tokenizer.pad_token_id), device)
+        for start in range(0, len(prompt_ids), batch_size):
+            seqs = [sequence(p, r) for p, r in zip(prompt_ids[start:start + batch_size], response_ids[start:start + batch_size])]
+            batch = to_device(collate(seqs, pad_id), device)
             with autocast(device, dtype):
                 out += sequence_scores(reward_model, batch["input_ids"], batch["attention_mask"]).tolist()
         return out
     return score
 
 
-def gold_scorer(prompts: list[str], responses: list[str]) -> list[float]:
-    """score_fn for the built-in task: its programmatic gold reward."""
+def preference_scorer(builtin: bool, reward_model, independent: bool, tokenizer, cfg, device, dtype):
+    """(score_fn, its name) for evaluation: the gold reward on the built-in task; on real data a
+    reward model's score, flagged when it is the one PPO optimised (then not an independent judge)."""
+    if builtin:
+        return gold_scorer, "gold reward"
+    if reward_model is None:
+        return None, "n/a (give --reward_model)"
+    name = "--reward_model score" if independent else "score of the reward model PPO optimised (not independent)"
+    return reward_model_scorer(reward_model, tokenizer.pad_token_id, cfg.eval_batch_size, device, dtype), name
+
+
+def gold_scorer(prompts, responses, prompt_ids=None, response_ids=None) -> list[float]:
+    """score_fn for the built-in task: its programmatic gold reward, on the decoded text."""
     return [gold_reward(p, r) for p, r in zip(prompts, responses)]
 
 
@@ -996,7 +1040,8 @@ def evaluate(model, tokenizer, test_rows: list[dict], cfg, *, device, dtype, sco
     """Greedy responses to the test prompts. Metrics: rougeL (F1 against the reference: instruction
     following), reward (score_fn: gold reward or a reward model: preference), win_rate (by score_fn,
     against `against`, another evaluate() output on the same rows), length (response tokens, no EOS)."""
-    prompt_ids = [encode_prompt(tokenizer, r["prompt"])[-cfg.max_prompt_length:] for r in test_rows]
+    prompt_ids = [generation_prompt(tokenizer, r["prompt"], cfg.max_length, cfg.max_prompt_length, cfg.max_new_tokens)
+                  for r in test_rows]
     response_ids = generate(model, prompt_ids, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
                             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, device=device,
                             dtype=dtype, desc=desc)
@@ -1006,7 +1051,7 @@ def evaluate(model, tokenizer, test_rows: list[dict], cfg, *, device, dtype, sco
                "length": sum(len(ids) - (ids[-1:] == [tokenizer.eos_token_id]) for ids in response_ids) / n}
     outputs = {"responses": responses, "scores": None}
     if score_fn is not None:
-        outputs["scores"] = score_fn([r["prompt"] for r in test_rows], responses)
+        outputs["scores"] = score_fn([r["prompt"] for r in test_rows], responses, prompt_ids, response_ids)
         metrics["reward"] = sum(outputs["scores"]) / n
         if against is not None:
             metrics["win_rate"] = win_rate(outputs["scores"], against["scores"])
@@ -1061,12 +1106,11 @@ class TrainConfig:
     lam: float = 0.95  # GAE lambda
     clip: float = 0.2  # policy ratio clip
     value_clip: float = 0.2  # value clip
-    temperature: float = 1.0  # rollout sampling temperature
-    top_p: float = 1.0  # rollout nucleus sampling
+    temperature: float = 1.0  # rollout sampling temperature (PPO log-probs use the same temperature)
     # --- evaluation and output
     max_new_tokens: int = 32  # generation limit (evaluation and rollouts)
     eval_batch_size: int = 64  # prompts per generation batch
-    reward_model: str = ""  # real data: a trained reward model folder to score evaluations with (PPO trains its own)
+    reward_model: str = ""  # real data: a reward model folder (same tokenizer) that scores evaluations
     output_dir: str = "runs/out"  # models, metrics.jsonl and results.json go here
 
 
@@ -1098,7 +1142,7 @@ def check_config(cfg) -> None:
         problems.append(f"--loss_type must be sigmoid or ipo, got {cfg.loss_type!r}")
     if getattr(cfg, "pref", "dpo") not in ("dpo", "ppo"):
         problems.append(f"--pref must be dpo or ppo, got {cfg.pref!r}")
-    for name in ("sft_lr", "pref_lr", "rm_lr", "value_lr", "beta"):
+    for name in ("sft_lr", "pref_lr", "rm_lr", "value_lr", "beta", "temperature"):
         if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0):
             problems.append(f"--{name} must be a positive finite number, got {getattr(cfg, name)}")
     if cfg.max_prompt_length >= cfg.max_length:

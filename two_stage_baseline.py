@@ -37,6 +37,7 @@ def main(cfg: Config) -> dict:
     C.seed_everything(cfg.seed)
     policy, tokenizer = C.load_model_and_tokenizer(cfg.model, cfg.trust_remote_code, cfg.seed)
     data = C.load_data(cfg, tokenizer)  # raises on bad rows before anything is trained or written
+    judge = C.load_reward_model(cfg.reward_model, tokenizer, cfg.trust_remote_code).to(device) if cfg.reward_model else None
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
     log = C.jsonl_logger(out / "metrics.jsonl")
@@ -50,15 +51,11 @@ def main(cfg: Config) -> dict:
 
     reward_model = None
     if cfg.pref == "ppo":  # the reward model starts from the SFT model, as in InstructGPT
-        reward_model = C.load_reward_model(str(out / "sft")).to(device)
+        reward_model = C.load_reward_model(str(out / "sft"), tokenizer, cfg.trust_remote_code).to(device)
         C.train_reward_model(reward_model, data["pref"], cfg, device=device, dtype=dtype, seed=cfg.seed, log=log)
         C.save_model(reward_model, tokenizer, out / "reward_model")
-    elif cfg.reward_model:
-        reward_model = C.load_reward_model(cfg.reward_model, cfg.trust_remote_code).to(device)
-    if data["builtin"]:
-        score_fn = C.gold_scorer
-    else:
-        score_fn = C.reward_model_scorer(reward_model, tokenizer, cfg, device, dtype) if reward_model else None
+    score_fn, score_name = C.preference_scorer(data["builtin"], judge or reward_model, judge is not None,
+                                               tokenizer, cfg, device, dtype)
     sft_metrics, sft_outputs = C.evaluate(policy, tokenizer, data["test"], cfg, device=device, dtype=dtype,
                                           score_fn=score_fn, desc="eval sft")
     log({"stage": "eval sft", **sft_metrics})
@@ -78,14 +75,13 @@ def main(cfg: Config) -> dict:
     final_metrics, final_outputs = C.evaluate(policy, tokenizer, data["test"], cfg, device=device, dtype=dtype,
                                               score_fn=score_fn, against=sft_outputs, desc="eval final")
     log({"stage": "eval final", **final_metrics})
-    results = {"config": dataclasses.asdict(cfg), "sft": sft_metrics, f"sft+{cfg.pref}": final_metrics,
+    results = {"config": dataclasses.asdict(cfg), "reward_metric": score_name, "sft": sft_metrics, f"sft+{cfg.pref}": final_metrics,
                "examples": [{"prompt": t["prompt"], "reference": t["reference"], "sft": s, f"sft+{cfg.pref}": f}
                             for t, s, f in zip(data["test"][:5], sft_outputs["responses"], final_outputs["responses"])]}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print("\n" + C.format_table({"sft": sft_metrics, f"sft+{cfg.pref}": final_metrics}))
-    print("rougeL: F1 against the reference (instruction following); reward: "
-          + ("gold reward" if data["builtin"] else "reward model score" if score_fn else "n/a (no --reward_model)")
-          + "; win_rate: against the SFT model's response (ties 1/2); length: tokens")
+    print(f"rougeL: F1 against the reference (instruction following); reward: {score_name}; "
+          f"win_rate: against the SFT model's response, by reward (ties 1/2); length: response tokens")
     print(f"\nexample prompt: {results['examples'][0]['prompt']}")
     for key in ("reference", "sft", f"sft+{cfg.pref}"):
         print(f"  {key + ':':11}{results['examples'][0][key]}")

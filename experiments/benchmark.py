@@ -81,14 +81,12 @@ def main():
           f"({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), compute {dtype}, "
           f"batch {args.batch_size}, prompt {args.prompt_len} + response {args.response_len} tokens")
 
+    reference = AutoModelForCausalLM.from_config(config).to(device).requires_grad_(False).eval()
     rows = []
-    for name, run, k in [
-        ("sft", lambda ex: C.train_sft(policy, ex, cfg, device=device, dtype=dtype, seed=0, desc="sft"), 1),
-        ("dpo", lambda ex: C.train_dpo(policy, reference, ex, cfg, device=device, dtype=dtype, seed=0, desc="dpo"), 2),
+    for name, run, data, k in [
+        ("sft", lambda ex: C.train_sft(policy, ex, cfg, device=device, dtype=dtype, seed=0, desc="sft"), sft, 1),
+        ("dpo", lambda ex: C.train_dpo(policy, reference, ex, cfg, device=device, dtype=dtype, seed=0, desc="dpo"), pairs, 2),
     ]:
-        if name == "dpo":
-            reference = AutoModelForCausalLM.from_config(config).to(device).requires_grad_(False).eval()
-        data = sft if name == "sft" else pairs
         warm = data[: 2 * args.batch_size]
         run(warm)
         if device.type == "cuda":

@@ -82,7 +82,8 @@ def test_smoke_two_stage_baseline_end_to_end(tmp_path, pref):
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
 
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"config", "sft", f"sft+{pref}", "examples"}
+    assert set(results) == {"config", "reward_metric", "sft", f"sft+{pref}", "examples"}
+    assert results["reward_metric"] == "gold reward"
     assert results["config"]["pref"] == pref and results["config"]["output_dir"] == str(out)
     assert {"rougeL", "length", "reward"} <= set(results["sft"])  # built-in task: gold reward
     assert {"rougeL", "length", "reward", "win_rate"} <= set(results[f"sft+{pref}"])
