@@ -185,6 +185,35 @@ def test_truncate_returns_none_when_no_response_token_fits():
     assert common.truncate(list(range(10)), [[20, 21], [30]], 6, 6) is None
 
 
+def test_truncate_cuts_prompt_only_as_needed_with_floor_and_bos():
+    # only as much as needed: 10 + 4 > 13, so the prompt keeps its last 13 - 4 = 9 tokens (not 5)
+    prompt, response = list(range(1, 11)), [20, 21, 22, 23]
+    assert common.truncate(prompt, [response], 13, 5) == (list(range(2, 11)), [response])
+    # the floor applies: 13 - 10 = 3 < 6, so the prompt keeps 6 and the response loses its right side
+    got_prompt, (got_response,) = common.truncate(prompt, [list(range(20, 30))], 13, 6)
+    assert got_prompt == list(range(5, 11)) and got_response == list(range(20, 27))
+    # a leading BOS survives the cut and counts: 9 - 4 = 5 tokens = BOS + the last 4
+    bos = 99
+    assert common.truncate([bos] + list(range(1, 10)), [[20, 21, 22, 23]], 9, 3, bos_id=bos) == (
+        [bos, 6, 7, 8, 9], [[20, 21, 22, 23]])
+
+    # keep_last: BOS kept and counted in n; without bos_id (or without a leading BOS) a plain cut
+    ids = [bos] + list(range(1, 10))
+    assert common.keep_last(ids, 5, bos_id=bos) == [bos, 6, 7, 8, 9]
+    assert common.keep_last(ids, 1, bos_id=bos) == [bos]
+    assert common.keep_last(ids, 5) == [5, 6, 7, 8, 9]
+    assert common.keep_last(list(range(1, 10)), 5, bos_id=bos) == [5, 6, 7, 8, 9]
+    assert common.keep_last(ids, 10, bos_id=bos) == ids and common.keep_last(ids, 0, bos_id=bos) == []
+
+    # generation_prompt: room for max_new_tokens by the same rule (tiny tokenizer: no BOS)
+    tok = common.build_tiny_tokenizer()
+    text = "summarize : alice found the car in the park . summary :"  # 12 words
+    words = ids_of(tok, text)
+    assert common.generation_prompt(tok, text, 16, 4, 6) == words[-10:]  # max(16 - 6, 4) = 10
+    assert common.generation_prompt(tok, text, 16, 5, 14) == words[-5:]  # floor: max(16 - 14, 5) = 5
+    assert common.generation_prompt(tok, text, 20, 4, 8) == words  # 12 <= 20 - 8: whole
+
+
 def test_tokenize_counts_skipped_rows(tiny):
     _, tok = tiny
     long_prompt = "summarize : " + " ".join(["the weather was calm ."] * 6) + " :"
