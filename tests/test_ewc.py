@@ -1,17 +1,10 @@
 """Fisher / EWC / HBAT importance math in common.py, checked against brute force or by-hand values."""
 import math
-import os
-import sys
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import common as C  # noqa: E402
+import common as C
 
 
 # ============================================================================================
