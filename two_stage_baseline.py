@@ -54,8 +54,8 @@ def main(cfg: Config) -> dict:
         reward_model = C.load_reward_model(str(out / "sft"), tokenizer, cfg.trust_remote_code).to(device)
         C.train_reward_model(reward_model, data["pref"], cfg, device=device, dtype=dtype, seed=cfg.seed, log=log)
         C.save_model(reward_model, tokenizer, out / "reward_model")
-    score_fn, score_name = C.preference_scorer(data["builtin"], judge or reward_model, judge is not None,
-                                               tokenizer, cfg, device, dtype)
+    score_fn, score_name = C.preference_scorer(data["builtin"], reward_model if judge is None else judge,
+                                               judge is not None, tokenizer, cfg, device, dtype)
     sft_metrics, sft_outputs = C.evaluate(policy, tokenizer, data["test"], cfg, device=device, dtype=dtype,
                                           score_fn=score_fn, desc="eval sft")
     log({"stage": "eval sft", **sft_metrics})
