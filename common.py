@@ -720,9 +720,10 @@ def hbat_penalty(model, weights: dict, anchor: dict, lam: float = 1.0, max_weigh
 # Training loops: one SFT stage, one DPO stage, reward-model training, one PPO rollout/update step
 # ============================================================================================
 # Every loop takes `penalty`: a function of no arguments returning a scalar added to the loss at
-# every optimizer step (HBAT's EWC). Each stage gets a fresh AdamW with linear warm-up, like the
-# authors' stage-level scripts. A non-finite loss stops the run before the optimizer step, so the
-# weights in memory and every file already written stay as they were.
+# every optimizer step (HBAT's EWC). Each stage gets fresh AdamW optimizers, like the authors'
+# stage-level scripts (SFT, DPO and reward-model stages also warm up linearly). A non-finite loss
+# stops the run before the optimizer step, so the weights in memory and every file already written
+# stay as they were.
 
 
 class NonFiniteLoss(RuntimeError):
