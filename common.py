@@ -1134,8 +1134,9 @@ def parse_config(cls, argv=None):
     return cls(**vars(parser.parse_args(argv)))
 
 
-def check_config(cfg) -> None:
-    """Reject settings that would fail later, before anything is loaded or written."""
+def check_config(cfg, need_pref: bool = True) -> None:
+    """Reject settings that would fail later, before anything is loaded or written. need_pref=False:
+    the script uses SFT data only (LD-Align), so --sft_data alone is real data and --pref_data is refused."""
     problems = []
     if cfg.batch_size % cfg.grad_accum_steps:
         problems.append(f"--batch_size {cfg.batch_size} must be a multiple of --grad_accum_steps {cfg.grad_accum_steps}")
@@ -1148,20 +1149,23 @@ def check_config(cfg) -> None:
             problems.append(f"--{name} must be a positive finite number, got {getattr(cfg, name)}")
     if cfg.max_prompt_length >= cfg.max_length:
         problems.append(f"--max_prompt_length {cfg.max_prompt_length} must be below --max_length {cfg.max_length}")
-    if bool(cfg.sft_data) != bool(cfg.pref_data):
+    if need_pref and bool(cfg.sft_data) != bool(cfg.pref_data):
         problems.append("give both --sft_data and --pref_data, or neither (the built-in task)")
+    if not need_pref and cfg.pref_data:
+        problems.append("--pref_data is not used by this script (it needs SFT data only); drop it")
     if problems:
         raise SystemExit("bad settings:\n  " + "\n  ".join(problems))
 
 
-def load_data(cfg, tokenizer) -> dict:
+def load_data(cfg, tokenizer, need_pref: bool = True) -> dict:
     """Tokenized SFT examples, preference examples and test rows, every row validated before any
-    training. Built-in task when no data is given. Overlong rows are skipped, counted and reported."""
+    training. Built-in task when no data is given. Overlong rows are skipped, counted and reported.
+    need_pref=False (LD-Align): no preference rows are read or generated, and "pref" is []."""
     first_test_row = 1
     if cfg.sft_data:
         sft_limit = cfg.n_sft + (0 if cfg.eval_data else cfg.eval_size) if cfg.n_sft > 0 else 0  # + held-out rows
         sft_rows, sft_source = read_rows(cfg.sft_data, limit=sft_limit), cfg.sft_data
-        pref_rows, pref_source = read_rows(cfg.pref_data, limit=cfg.n_pref), cfg.pref_data
+        pref_rows, pref_source = read_rows(cfg.pref_data, limit=cfg.n_pref) if need_pref else [], cfg.pref_data
         if cfg.eval_data:
             test_rows, test_source = read_rows(cfg.eval_data, split="test"), cfg.eval_data
         else:
@@ -1172,11 +1176,11 @@ def load_data(cfg, tokenizer) -> dict:
             first_test_row = len(sft_rows) + 1  # held-out rows keep their row numbers in the file
         test_rows = test_rows[: cfg.eval_size]
     else:
-        task = builtin_task(cfg.seed, cfg.n_sft, cfg.n_pref, cfg.eval_size)
+        task = builtin_task(cfg.seed, cfg.n_sft, cfg.n_pref if need_pref else 0, cfg.eval_size)  # same SFT/test rows
         sft_rows, pref_rows, test_rows = task["sft"], task["pref"], task["test"]
         sft_source = pref_source = test_source = "built-in task"
-    for rows, source in ((sft_rows, sft_source), (pref_rows, pref_source), (test_rows, test_source)):
-        if not rows:
+    for rows, source, needed in ((sft_rows, sft_source, True), (pref_rows, pref_source, need_pref), (test_rows, test_source, True)):
+        if needed and not rows:
             raise DataError(f"{source}: no rows")
     tests = [dict(zip(("prompt", "reference"), sft_texts(row, tokenizer, f"{test_source}: row {i}")))
              for i, row in enumerate(test_rows, start=first_test_row)]
@@ -1186,7 +1190,7 @@ def load_data(cfg, tokenizer) -> dict:
         if skipped:
             print(f"{source}: skipped {skipped} of {total} rows whose prompt leaves no room for a response "
                   f"(--max_length {cfg.max_length}, --max_prompt_length {cfg.max_prompt_length})")
-    if not sft or not pref:
+    if not sft or (need_pref and not pref):
         raise DataError("no training rows left after skipping overlong ones; raise --max_length")
     return {"sft": sft, "pref": pref, "test": tests, "builtin": not cfg.sft_data}
 

@@ -1,0 +1,333 @@
+"""HBAT: Hybrid Alignment Training (arXiv 2406.15178), with its modified EWC and the ablations.
+
+Two-stage alignment (SFT, then DPO/PPO) lets the second objective undo the first. HBAT alternates:
+the SFT data and the preference data are each split into K shards, and round i is
+
+    SFT stage on SFT shard i (--sft_epochs)  ->  preference stage on preference shard i (--pref_epochs)
+
+each stage starting from the previous stage's output; the DPO reference / PPO KL reference of a
+preference stage is the model at the start of that stage. Every stage but round 1's SFT adds the
+modified EWC penalty of the authors' released code (../shared/METHODS.md section 2):
+
+    F_n   = mean(((theta_n^after - theta_n^before) * s)^2)   drift of tensor n in the OTHER objective's last stage
+    R     = R_prev + F_n                                     raw importance, one accumulator per stage type
+    w_n   = softmax_n(R)                                     over all tensors (one-hot at the default s = 1e10)
+    L_ewc = M * sum_n w_n * sum_j (lambda * (theta_nj - anchor_nj))^2,   anchor = parameters at the stage start
+
+    python hbat.py                         # built-in task, tiny model, HBAT with DPO (CPU, ~1 min)
+    python hbat.py --pref ppo              # ... with a reward model and PPO
+    python hbat.py --compare               # ... and the two-stage baseline on the same seed, side by side
+    python hbat.py --ewc none|fisher|freeze|random    # ablations
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import common as C
+
+
+@dataclass
+class Config(C.TrainConfig):
+    """HBAT: alternate SFT and DPO/PPO stages over data shards with the modified EWC. Shared settings
+    are documented in common.TrainConfig."""
+    pref: str = "dpo"  # preference stage: dpo | ppo
+    rounds: int = 5  # K: shards of each data set, one SFT stage and one preference stage per shard (authors: 10)
+    ewc: str = "hbat"  # regulariser: hbat (modified EWC) | fisher (textbook EWC) | freeze (top 20% tensors) | random | none
+    ewc_max_weight: float = 100.0  # M: scale of the HBAT penalty
+    ewc_lambda: float = 1.0  # lambda inside the HBAT penalty's square
+    ewc_mse_factor: float = 1e10  # s: drift scale before squaring; 1e10 makes the softmax one-hot (smaller = smoother)
+    fisher_lambda: float = 1000.0  # --ewc fisher: lambda of (lambda / 2) * sum F (theta - anchor)^2
+    fisher_samples: int = 64  # --ewc fisher: examples of the other objective's last shard for the Fisher
+    freeze_fraction: float = 0.2  # --ewc freeze: fraction of tensors (most important first) frozen for the stage
+    compare: bool = False  # also run the two-stage baseline (= K 1, --ewc none) on the same seed and budget
+    resume: bool = False  # continue an interrupted run from its last finished stage (output_dir/checkpoint)
+    output_dir: str = "runs/hbat"  # final/, checkpoint/, reward_model/ (PPO), metrics.jsonl, results.json
+
+
+def check(cfg: Config) -> None:
+    C.check_config(cfg)
+    problems = []
+    if cfg.rounds < 1:
+        problems.append(f"--rounds must be at least 1, got {cfg.rounds}")
+    if cfg.ewc not in ("hbat", "fisher", "freeze", "random", "none"):
+        problems.append(f"--ewc must be hbat, fisher, freeze, random or none, got {cfg.ewc!r}")
+    if not 0 <= cfg.freeze_fraction <= 1:
+        problems.append(f"--freeze_fraction must be in [0, 1], got {cfg.freeze_fraction}")
+    if cfg.compare and cfg.pref == "ppo" and cfg.sft_data and not cfg.reward_model:
+        problems.append("--compare --pref ppo on real data needs --reward_model: each run's own reward model "
+                        "would score it, and the scores would not be comparable")
+    if problems:
+        raise SystemExit("bad settings:\n  " + "\n  ".join(problems))
+
+
+# ============================================================================================
+# Shards and stages
+# ============================================================================================
+
+
+def shards(items: list, k: int) -> list[list]:
+    """K contiguous shards in file order, sizes differing by at most one (K = 1: the whole list, in
+    order, so one round is exactly the two-stage baseline)."""
+    bounds = [round(i * len(items) / k) for i in range(k + 1)]
+    return [items[bounds[i]:bounds[i + 1]] for i in range(k)]
+
+
+def stage_list(rounds: int) -> list[tuple[int, str]]:
+    """[(1, "sft"), (1, "pref"), (2, "sft"), ...]: the order of the alternation."""
+    return [(r, kind) for r in range(1, rounds + 1) for kind in ("sft", "pref")]
+
+
+def other(kind: str) -> str:
+    return "pref" if kind == "sft" else "sft"
+
+
+# ============================================================================================
+# HBAT's regulariser: importance bookkeeping, and the penalty (or frozen tensors) of one stage
+# ============================================================================================
+# state["importance"][kind] is the raw accumulator that feeds stages of type `kind`: the summed drift
+# importance of every past stage of the other type. After a stage ends, its drift is added to the
+# accumulator of the other type (METHODS.md section 2: an SFT stage is guarded by the drift of the
+# preceding preference stage, a preference stage by the drift of the SFT stage just done).
+
+
+def record_drift(state: dict, kind: str, before: dict, after: dict, cfg: Config) -> None:
+    """After a `kind` stage: R_other += F(before -> after)."""
+    drift = C.drift_importance(before, after, cfg.ewc_mse_factor)
+    state["importance"][other(kind)] = C.accumulate_importance(state["importance"][other(kind)], drift)
+
+
+def random_importance(names: list[str], seed: int) -> dict[str, float]:
+    """HAT-Random: softmax of uniform random scores in [0, 1), one per tensor, seeded per stage."""
+    scores = torch.rand(len(names), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return C.softmax_importance(dict(zip(names, scores.tolist())))
+
+
+def most_important(raw: dict, fraction: float) -> list[str]:
+    """HAT-Freeze: the top round(fraction * n) tensors by raw importance (ties: first in model order)."""
+    ranked = sorted(raw, key=lambda n: -raw[n])
+    return ranked[: round(fraction * len(raw))]
+
+
+def stage_regulariser(cfg: Config, model, state: dict, kind: str, seed: int, other_examples: list, device, dtype):
+    """(penalty callable or None, tensor names to freeze, a short description) for the stage about to
+    start. The anchor is the parameters now, at the stage start. Round 1's SFT stage has no importance
+    yet, so no regulariser."""
+    raw = state["importance"][kind]
+    if cfg.ewc == "none" or raw is None:
+        return None, [], "-"
+    anchor = C.snapshot(model)
+    if cfg.ewc == "freeze":
+        frozen = most_important(raw, cfg.freeze_fraction)
+        return None, frozen, f"froze {len(frozen)} of {len(raw)}"
+    if cfg.ewc == "fisher":  # textbook EWC: per-sample diagonal Fisher of the other objective's last shard
+        fisher = C.empirical_fisher(model, other_examples[: cfg.fisher_samples], device, dtype)
+        return functools.partial(C.ewc_penalty, model, fisher, anchor, cfg.fisher_lambda), [], "fisher"
+    weights = C.softmax_importance(raw) if cfg.ewc == "hbat" else random_importance(list(raw), seed)
+    top = max(weights, key=weights.get)
+    penalty = functools.partial(C.hbat_penalty, model, weights, anchor, cfg.ewc_lambda, cfg.ewc_max_weight)
+    return penalty, [], f"{top.removeprefix('model.')} {weights[top]:.2f}"
+
+
+# ============================================================================================
+# Stage-level checkpoints: model, position in the alternation, importance accumulators, RNG state
+# ============================================================================================
+
+
+def save_checkpoint(policy, tokenizer, state: dict, out: Path) -> None:
+    """Write checkpoint.tmp, then swap it in: an interruption at any point leaves a whole checkpoint."""
+    tmp, current, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    C.save_model(policy, tokenizer, tmp)
+    (tmp / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "rng"}, indent=1))
+    torch.save(state["rng"], tmp / "rng.pt")
+    if current.exists():
+        os.replace(current, old)
+    os.replace(tmp, current)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def find_checkpoint(out: Path) -> Path | None:
+    return next((f for f in (out / "checkpoint", out / "checkpoint.old") if (f / "state.json").exists()), None)
+
+
+def load_checkpoint(folder: Path, cfg: Config) -> dict:
+    """The saved state, after checking the run's settings are the ones it was written with; the RNG
+    state is restored so the rest of the run draws the same samples as an uninterrupted one."""
+    state = json.loads((folder / "state.json").read_text())
+    saved, now = state["config"], dataclasses.asdict(cfg)
+    changed = [k for k in now if k not in ("resume", "compare", "device") and saved.get(k) != now[k]]
+    if changed:
+        raise SystemExit(f"--resume: {folder} was written with different settings: "
+                         + ", ".join(f"--{k} {saved.get(k)} (now {now[k]})" for k in changed))
+    rng = torch.load(folder / "rng.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state
+
+
+# ============================================================================================
+# One HBAT run (with --ewc none and --rounds 1 it is the two-stage baseline)
+# ============================================================================================
+
+
+def train_stage(cfg: Config, kind: str, policy, shard: list, reward_model, *, penalty, seed: int, name: str, log,
+                device, dtype) -> None:
+    """One stage from the policy's current weights. A preference stage's reference (DPO) or KL
+    reference (PPO) is a frozen copy of the policy at the start of that stage."""
+    if kind == "sft":
+        C.train_sft(policy, shard, cfg, device=device, dtype=dtype, seed=seed, desc=name, log=log, penalty=penalty)
+        return
+    reference = copy.deepcopy(policy).requires_grad_(False).eval()
+    if cfg.pref == "dpo":
+        C.train_dpo(policy, reference, shard, cfg, device=device, dtype=dtype, seed=seed, desc=name, log=log, penalty=penalty)
+    else:
+        value_model = copy.deepcopy(reward_model).requires_grad_(True)  # a fresh critic from the reward model
+        C.train_ppo(policy, reference, reward_model, value_model, [p["prompt_ids"] for p in shard], cfg,
+                    device=device, dtype=dtype, seed=seed, desc=name, log=log, penalty=penalty)
+
+
+def reward_model_from(policy, tokenizer, data: dict, cfg: Config, out: Path, log, device, dtype):
+    """--pref ppo: the reward model is trained once, on all preference pairs, from the model after round
+    1's SFT stage (for K = 1, the baseline's SFT model); every PPO stage reuses it."""
+    C.save_model(policy, tokenizer, out / "reward_model")
+    reward_model = C.load_reward_model(str(out / "reward_model"), tokenizer, cfg.trust_remote_code).to(device)
+    C.train_reward_model(reward_model, data["pref"], cfg, device=device, dtype=dtype, seed=cfg.seed, log=log)
+    C.save_model(reward_model, tokenizer, out / "reward_model")
+    return reward_model.requires_grad_(False)
+
+
+def run(cfg: Config, data: dict, out: Path, judge=None, against: dict | None = None, against_name: str = "") -> dict:
+    """Train, evaluating and checkpointing after every stage. Win rates are against `against` (another
+    model's evaluate() outputs) or else against this run's first stage (round 1's SFT model)."""
+    device = C.pick_device(cfg.device)
+    dtype = C.pick_dtype(cfg.dtype, device)
+    out.mkdir(parents=True, exist_ok=True)
+    C.seed_everything(cfg.seed)
+    state = {"config": dataclasses.asdict(cfg), "next_stage": 0, "importance": {"sft": None, "pref": None},
+             "trajectory": [], "first_outputs": None, "last_responses": []}
+    folder = find_checkpoint(out) if cfg.resume else None
+    if folder is None:
+        if cfg.resume:
+            print(f"--resume: no checkpoint in {out}; starting from the beginning")
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        policy, tokenizer = C.load_model_and_tokenizer(cfg.model, cfg.trust_remote_code, cfg.seed)
+    else:
+        state = load_checkpoint(folder, cfg)
+        policy, tokenizer = C.load_model_and_tokenizer(str(folder), cfg.trust_remote_code)
+        print(f"resuming {out} after stage {state['next_stage']} of {2 * cfg.rounds}")
+    log = C.jsonl_logger(out / "metrics.jsonl")
+    policy.to(device)
+    sft_shards, pref_shards = shards(data["sft"], cfg.rounds), shards(data["pref"], cfg.rounds)
+    reward_model = None
+    if cfg.pref == "ppo" and state["next_stage"] > 0:  # resumed after the reward model was trained
+        reward_model = C.load_reward_model(str(out / "reward_model"), tokenizer, cfg.trust_remote_code).to(device).requires_grad_(False)
+
+    stages = stage_list(cfg.rounds)
+    for index in range(state["next_stage"], len(stages)):
+        round_, kind = stages[index]
+        name = f"round {round_} {kind if kind == 'sft' else cfg.pref}"
+        seed = cfg.seed + index  # SFT of round 1 gets seed, its preference stage seed + 1: as the baseline
+        # the other objective's most recent shard, for --ewc fisher (round 1's SFT stage has no regulariser)
+        other_examples = sft_shards[round_ - 1] if kind == "pref" else [p["chosen"] for p in pref_shards[max(round_ - 2, 0)]]
+        penalty, frozen, regulariser = stage_regulariser(cfg, policy, state, kind, seed, other_examples, device, dtype)
+        for param_name, p in policy.named_parameters():
+            p.requires_grad_(param_name not in frozen)
+        before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+        shard = (sft_shards if kind == "sft" else pref_shards)[round_ - 1]
+        train_stage(cfg, kind, policy, shard, reward_model, penalty=penalty, seed=seed, name=name, log=log,
+                    device=device, dtype=dtype)
+        policy.requires_grad_(True)
+        record_drift(state, kind, before, {n: p.detach() for n, p in policy.named_parameters()}, cfg)
+        if cfg.pref == "ppo" and reward_model is None:
+            reward_model = reward_model_from(policy, tokenizer, data, cfg, out, log, device, dtype)
+
+        # ------------------------------------------------------------ evaluate, then checkpoint the stage
+        score_fn, score_name = C.preference_scorer(data["builtin"], judge if judge is not None else reward_model,
+                                                   judge is not None, tokenizer, cfg, device, dtype)
+        metrics, outputs = C.evaluate(policy, tokenizer, data["test"], cfg, device=device, dtype=dtype, score_fn=score_fn,
+                                      against=against if against is not None else state["first_outputs"], desc=f"eval {name}")
+        state["first_outputs"] = state["first_outputs"] or outputs
+        state["trajectory"].append({"stage": name, "ewc": regulariser, **metrics})
+        state["last_responses"], state["score_name"] = outputs["responses"][:5], score_name
+        log({"stage": f"eval {name}", **metrics})
+        state["next_stage"], state["rng"] = index + 1, rng_state()
+        save_checkpoint(policy, tokenizer, state, out)
+
+    C.save_model(policy, tokenizer, out / "final")
+    return {"model": policy, "tokenizer": tokenizer, "trajectory": state["trajectory"], "score_name": state["score_name"],
+            "first_outputs": state["first_outputs"], "responses": state["last_responses"],
+            "win_rate_against": against_name or "round 1's SFT model"}
+
+
+# ============================================================================================
+# Main: data, the run(s), the summary
+# ============================================================================================
+
+
+def main(cfg: Config) -> dict:
+    check(cfg)
+    out = Path(cfg.output_dir)
+    C.seed_everything(cfg.seed)
+    _, tokenizer = C.load_model_and_tokenizer(cfg.model, cfg.trust_remote_code, cfg.seed)
+    data = C.load_data(cfg, tokenizer)  # raises on bad rows before anything is trained or written
+    judge = C.load_reward_model(cfg.reward_model, tokenizer, cfg.trust_remote_code) if cfg.reward_model else None
+    if judge is not None:
+        judge.to(C.pick_device(cfg.device))
+    print(f"{len(data['sft'])} SFT rows and {len(data['pref'])} preference pairs in {cfg.rounds} shards each, "
+          f"{len(data['test'])} test prompts; HBAT with {cfg.pref}, --ewc {cfg.ewc}")
+
+    columns, baseline = {}, None
+    if cfg.compare:  # the two-stage baseline is HBAT with one round and no regulariser (tests/test_hbat.py)
+        baseline_cfg = dataclasses.replace(cfg, rounds=1, ewc="none")
+        baseline = run(baseline_cfg, data, out / "two_stage", judge)
+        columns["sft"] = dict(baseline["trajectory"][0], stage="two-stage stage 1")
+        columns[f"two-stage {cfg.pref}"] = baseline["trajectory"][-1]
+    hbat = run(cfg, data, out, judge, *((baseline["first_outputs"], "the two-stage SFT model") if baseline else ()))
+    columns[f"hbat {cfg.pref}"] = hbat["trajectory"][-1]
+
+    print(f"\nHBAT trajectory (win_rate against {hbat['win_rate_against']}; ewc: the most-weighted tensor and its weight)")
+    print(format_trajectory(hbat["trajectory"]))
+    metric_columns = {k: {m: v for m, v in c.items() if m not in ("stage", "ewc")} for k, c in columns.items()}
+    if cfg.compare:
+        print("\n" + C.format_table(metric_columns))
+    print(f"rougeL: F1 against the reference (instruction following); reward: {hbat['score_name']}; "
+          f"length: response tokens")
+    results = {"config": dataclasses.asdict(cfg), "reward_metric": hbat["score_name"],
+               "win_rate_against": hbat["win_rate_against"], **metric_columns, "trajectory": hbat["trajectory"],
+               "examples": [{"prompt": t["prompt"], "reference": t["reference"], "hbat": r}
+                            for t, r in zip(data["test"], hbat["responses"])]}
+    if baseline:
+        results["two_stage_trajectory"] = baseline["trajectory"]
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"\nsaved {out / 'final'}, {out / 'results.json'}, {out / 'metrics.jsonl'}")
+    return results
+
+
+def format_trajectory(trajectory: list[dict]) -> str:
+    keys = [k for k in dict.fromkeys(k for row in trajectory for k in row) if k not in ("stage", "ewc")]
+    lines = [f"{'stage':<20}" + "".join(f"{k:>10}" for k in keys) + "  ewc"]
+    for row in trajectory:
+        cells = "".join(f"{row[k]:>10.3f}" if isinstance(row.get(k), float) else f"{'n/a':>10}" for k in keys)
+        lines.append(f"{row['stage']:<20}{cells}  {row['ewc']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main(C.parse_config(Config))

@@ -1,0 +1,315 @@
+"""LD-Align, Latent Distance Guided Alignment (arXiv 2404.06390): annotation-free alignment to an SFT data set.
+
+Self-play as in SPIN: the gold SFT response is the chosen answer, the policy's own sample the rejected
+one. A guiding auto-encoder, trained on both, maps each (prompt, response) to a latent vector; the
+farther the sample's latent lies from the gold one, the more that pair weighs in the DPO-style loss.
+For iterations t = 1..T:
+
+    sample     y_gen ~ pi_{t-1}(. | x)                               one per training prompt
+    guide      L_rec = -(1/|y|) sum_t log p_dec(y_t | phi(x, y), x, y_<t)    on gold and generated y
+    distance   d_i = || phi(x_i, y_gold_i) - phi(x_i, y_gen_i) ||_2
+    weights    w_i = clip(d_i / mean_j d_j, 0, w_max)                (--weighting uniform: w_i = 1, SPIN)
+    policy     L = (1/n) sum_i -w_i log sigmoid(beta * [(log pi(y_gold|x) - log pi_{t-1}(y_gold|x))
+                                                       - (log pi(y_gen|x)  - log pi_{t-1}(y_gen|x))])
+
+with pi_{t-1} (the policy at the start of the iteration) frozen as the reference. The paper's full text
+was not available: the guiding model's shape, the distance, the weight formula and the schedule are
+this project's decisions (../shared/METHODS.md section 3), each a flag below.
+
+    python ld_align.py                  # built-in task, tiny model: SFT, then 3 LD-Align iterations (CPU)
+    python ld_align.py --compare        # and the uniform-weight ablation (SPIN) from the same SFT model
+    python ld_align.py --model DIR --sft_data FILE --pref_lr 5e-7   # real data: --model is already SFT'd
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import common as C
+
+
+@dataclass
+class Config(C.TrainConfig):
+    """LD-Align: self-play DPO weighted by a guiding auto-encoder's latent distance. Shared settings
+    are documented in common.TrainConfig (--pref_lr, --pref_epochs, --beta: the DPO step of each iteration)."""
+    iterations: int = 3  # self-play iterations T (sample, train the guide, weighted DPO against the previous iterate)
+    weighting: str = "latent"  # pair weights: latent (w = d / mean d, clipped: LD-Align) | uniform (w = 1: SPIN)
+    pref_lr: float = 5e-5  # DPO learning rate in every iteration (tiny model; the baseline's 2e-4 makes self-play drift, see README)
+    w_max: float = 5.0  # latent weights are clipped to [0, w_max]
+    latent_dim: int = 64  # size of the guiding model's latent phi(x, y)
+    guide_dim: int = 64  # guiding model width (encoder and decoder)
+    guide_layers: int = 2  # transformer layers in the guide's encoder, and in its decoder
+    guide_heads: int = 4  # attention heads in the guiding model
+    guide_epochs: int = 1  # guiding-model passes per iteration over that iteration's gold and generated responses
+    guide_lr: float = 1e-3  # guiding-model learning rate (one AdamW, kept across iterations)
+    keep_identical: bool = False  # keep pairs whose sample equals the gold response (zero gradient; they only dilute the batch mean)
+    sft_first: bool = False  # real data: run SFT on --sft_data first (default: --model is already SFT'd); the built-in task always does
+    compare: bool = False  # also run the uniform-weight ablation (SPIN) from the same SFT model with the same seeds
+    output_dir: str = "runs/ld_align"  # models (sft/, final/, final_spin/), metrics.jsonl, results.json
+
+
+def check_ld_config(cfg: Config) -> None:
+    C.check_config(cfg, need_pref=False)
+    problems = []
+    if cfg.weighting not in ("latent", "uniform"):
+        problems.append(f"--weighting must be latent or uniform, got {cfg.weighting!r}")
+    if cfg.compare and cfg.weighting != "latent":
+        problems.append("--compare runs the uniform ablation beside --weighting latent; drop one of them")
+    if not cfg.w_max > 0:
+        problems.append(f"--w_max must be positive, got {cfg.w_max}")
+    if not (math.isfinite(cfg.guide_lr) and cfg.guide_lr > 0):
+        problems.append(f"--guide_lr must be a positive finite number, got {cfg.guide_lr}")
+    for name in ("iterations", "latent_dim", "guide_dim", "guide_layers", "guide_heads", "guide_epochs"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.guide_heads >= 1 and cfg.guide_dim % cfg.guide_heads:
+        problems.append(f"--guide_dim {cfg.guide_dim} must be a multiple of --guide_heads {cfg.guide_heads}")
+    if problems:
+        raise SystemExit("bad settings:\n  " + "\n  ".join(problems))
+
+
+# ============================================================================================
+# The guiding model: a small transformer auto-encoder over (prompt, response) tokens
+# ============================================================================================
+
+
+class GuideModel(nn.Module):
+    """encoder  h = Enc(E[x; y] + P + S)  (bidirectional; S marks prompt vs response tokens)
+                phi(x, y) = W_z * mean_{t in y} h_t                       (pooled over response tokens)
+       decoder  p(y_t | z, x, y_<t) = softmax(E^T Dec([W_p z; E[x; y_<t]] + P)_t)   (causal; z as a prefix)
+       loss     L_rec = -(1/N) sum over response tokens of log p(y_t | phi(x, y), x, y_<t)
+    It shares the policy's tokenizer (E: its own embedding table over the policy's vocabulary, tied to the output)."""
+
+    def __init__(self, vocab_size: int, max_length: int, dim: int = 64, latent_dim: int = 64, layers: int = 2, heads: int = 4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.position = nn.Embedding(max_length + 1, dim)  # + 1: the decoder's latent prefix
+        self.segment = nn.Embedding(2, dim)  # 0 = prompt token, 1 = response token (encoder input)
+
+        def stack():
+            layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
+            return nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
+
+        self.encoder, self.decoder = stack(), stack()
+        self.to_latent, self.from_latent = nn.Linear(dim, latent_dim), nn.Linear(latent_dim, dim)
+        for table in (self.embed, self.position, self.segment):  # small init: logits E^T h start near uniform
+            nn.init.normal_(table.weight, std=0.02)
+
+    def encode(self, batch: dict) -> torch.Tensor:
+        """phi(x, y) for a collated batch (input_ids, attention_mask, labels): (B, latent_dim)."""
+        response = batch["labels"] != C.IGNORE_INDEX
+        positions = torch.arange(batch["input_ids"].shape[1], device=response.device)
+        h = self.embed(batch["input_ids"]) + self.position(positions) + self.segment(response.long())
+        h = self.encoder(h, src_key_padding_mask=batch["attention_mask"] == 0)
+        m = response.unsqueeze(-1).float()
+        return self.to_latent((h * m).sum(1) / m.sum(1))
+
+    def reconstruction_loss(self, batch: dict) -> torch.Tensor:
+        """L_rec: the decoder rebuilds the response from the latent prefix and the prompt (token mean)."""
+        ids, response = batch["input_ids"], batch["labels"] != C.IGNORE_INDEX
+        prefix = self.from_latent(self.encode(batch)).unsqueeze(1)
+        h = torch.cat([prefix, self.embed(ids)], 1) + self.position(torch.arange(ids.shape[1] + 1, device=ids.device))
+        causal = nn.Transformer.generate_square_subsequent_mask(h.shape[1], device=ids.device)
+        h = self.decoder(h, mask=causal, is_causal=True)[:, :-1]  # h[:, j] saw the prefix and tokens < j: predicts token j
+        logits = h[response] @ self.embed.weight.T  # right padding + causal mask: padding is never seen
+        return F.cross_entropy(logits.float(), ids[response])
+
+
+def guide_batches(seqs: list[dict], batch_size: int, pad_id: int, device, order=None):
+    order = range(len(seqs)) if order is None else order
+    for start in range(0, len(seqs), batch_size):
+        yield C.to_device(C.collate([seqs[i] for i in order[start:start + batch_size]], pad_id), device)
+
+
+def train_guide(guide: GuideModel, optimizer, seqs: list[dict], cfg, *, pad_id: int, seed: int, device, log=None,
+                desc: str = "guide") -> float:
+    """`guide_epochs` passes of L_rec over seqs (gold and generated responses). Returns the last epoch's mean loss."""
+    guide.train()
+    order_rng = torch.Generator().manual_seed(seed)
+    for epoch in range(cfg.guide_epochs):
+        order, losses = torch.randperm(len(seqs), generator=order_rng).tolist(), []
+        for batch in guide_batches(seqs, cfg.batch_size, pad_id, device, order):
+            loss = guide.reconstruction_loss(batch)
+            C.check_finite({"loss/guide": loss.item()}, f"{desc}, epoch {epoch + 1}, step {len(losses) + 1}")
+            loss.backward()
+            C.optimizer_step(list(guide.parameters()), optimizer, cfg.max_grad_norm)
+            losses.append(loss.item())
+        if log is not None:
+            log({"stage": desc, "epoch": epoch + 1, "loss/guide": sum(losses) / len(losses)})
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def latent_distances(guide: GuideModel, pairs: list[dict], *, pad_id: int, batch_size: int, device) -> torch.Tensor:
+    """d_i = ||phi(x, y_gold) - phi(x, y_gen)||_2 in float32 (gold and sample of a pair share one padded batch)."""
+    guide.eval()
+    out = [torch.zeros(0)]
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        z = guide.encode(C.to_device(C.collate_pairs(chunk, pad_id), device)).float()
+        out.append((z[:len(chunk)] - z[len(chunk):]).norm(dim=-1).cpu())
+    return torch.cat(out)
+
+
+# ============================================================================================
+# Self-play pairs and their weights
+# ============================================================================================
+
+
+def latent_weights(distances: torch.Tensor, w_max: float) -> torch.Tensor:
+    """w_i = clip(d_i / mean(d), 0, w_max). All distances 0 (every sample is the gold answer): all w = 0."""
+    mean = distances.float().mean()
+    if mean == 0:
+        return torch.zeros_like(distances, dtype=torch.float32)
+    return (distances.float() / mean).clamp(0.0, w_max)
+
+
+def pair_weights(distances: torch.Tensor | None, weighting: str, w_max: float, n: int) -> torch.Tensor:
+    """latent: latent_weights(d, w_max); uniform: every w = 1 (SPIN)."""
+    return latent_weights(distances, w_max) if weighting == "latent" else torch.ones(n)
+
+
+def self_play_pairs(policy, examples: list[dict], cfg, *, tokenizer, seed: int, device, dtype, desc: str = "sample") -> list[dict]:
+    """One sample per training prompt from the current policy (seeded), paired with the gold response:
+    {"chosen": gold, "rejected": sample, "prompt_ids"}. Prompts are cut like evaluation prompts (room
+    for --max_new_tokens), then both responses share that prompt under common.truncate's rule."""
+    bos, room = tokenizer.bos_token_id, max(cfg.max_length - cfg.max_new_tokens, cfg.max_prompt_length)
+    prompts, golds = [], []
+    for e in examples:
+        n_prompt = e["labels"].count(C.IGNORE_INDEX)  # labels = [IGNORE] * prompt + response
+        prompts.append(C.keep_last(e["input_ids"][:n_prompt], room, bos))
+        golds.append(e["input_ids"][n_prompt:])
+    C.seed_everything(seed)  # sampling draws from torch's global generator: same seed, same samples
+    samples = C.generate(policy, prompts, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, device=device, dtype=dtype,
+                         do_sample=True, temperature=cfg.temperature, desc=desc)
+    pairs = []
+    for prompt_ids, gold, sample in zip(prompts, golds, samples):
+        cut = C.truncate(prompt_ids, [gold, sample], cfg.max_length, cfg.max_prompt_length, bos)
+        if cut is not None:
+            pairs.append({"chosen": C.sequence(cut[0], cut[1][0]), "rejected": C.sequence(cut[0], cut[1][1]), "prompt_ids": cut[0]})
+    return pairs
+
+
+# ============================================================================================
+# One self-play run ("arm"): T iterations from the starting model
+# ============================================================================================
+
+
+def self_play(name: str, weighting: str, policy, tokenizer, data: dict, cfg, *, device, dtype, score_fn, sft_outputs, log):
+    """Runs T iterations on `policy` in place. Returns (trajectory rows, last metrics, last eval outputs)."""
+    pad_id, trajectory = tokenizer.pad_token_id, []
+    if weighting == "latent":  # the guide is seeded alike in every run and keeps training across iterations
+        torch.manual_seed(cfg.seed)
+        vocab_size = max(len(tokenizer), policy.config.vocab_size)  # the policy may sample ids of a padded vocabulary
+        guide = GuideModel(vocab_size, cfg.max_length, cfg.guide_dim, cfg.latent_dim, cfg.guide_layers, cfg.guide_heads).to(device)
+        guide_optimizer = torch.optim.AdamW(guide.parameters(), lr=cfg.guide_lr, weight_decay=0.0)
+    for t in range(1, cfg.iterations + 1):
+        # ------------------------------------------------ self-play pairs from pi_{t-1}, which is also the reference
+        reference = copy.deepcopy(policy).requires_grad_(False).eval()
+        pairs = self_play_pairs(policy, data["sft"], cfg, tokenizer=tokenizer, seed=cfg.seed + t, device=device,
+                                dtype=dtype, desc=f"{name} sample {t}")
+        stats = {"identical": sum(p["chosen"] == p["rejected"] for p in pairs) / len(pairs)}  # sample == gold
+        guide_seqs = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+        if not cfg.keep_identical:  # y_gen == y_gold: h == 0 whatever pi is, so no gradient; d == 0
+            pairs = [p for p in pairs if p["chosen"] != p["rejected"]]
+        distances = None
+        if weighting == "latent":  # ------------------------ guide: train on gold + generated, then measure d
+            stats["guide_loss"] = train_guide(guide, guide_optimizer, guide_seqs, cfg, pad_id=pad_id, seed=cfg.seed + t,
+                                              device=device, log=log, desc=f"{name} guide {t}")
+            distances = latent_distances(guide, pairs, pad_id=pad_id, batch_size=cfg.eval_batch_size, device=device)
+        if pairs:
+            weights = pair_weights(distances, weighting, cfg.w_max, len(pairs))
+            if distances is not None:
+                stats.update({"d_mean": distances.mean().item(), "d_min": distances.min().item(), "d_max": distances.max().item(),
+                              "clipped": (distances > cfg.w_max * distances.mean()).float().mean().item()})
+            for pair, w in zip(pairs, weights.tolist()):
+                pair["weight"] = w  # common.train_dpo: loss = (1/n) sum_i w_i * l_i
+            # -------------------------------------------- weighted self-play DPO against the frozen pi_{t-1}
+            C.train_dpo(policy, reference, pairs, cfg, device=device, dtype=dtype, seed=cfg.seed + t, desc=f"{name} dpo {t}", log=log)
+        else:
+            print(f"[{name} {t}/{cfg.iterations}] every sample equals its gold response: no pair to train on")
+        del reference
+        metrics, outputs = C.evaluate(policy, tokenizer, data["test"], cfg, device=device, dtype=dtype, score_fn=score_fn,
+                                      against=sft_outputs, desc=f"eval {name} {t}")
+        row = {"arm": name, "iteration": t, **metrics, **stats}
+        log({"stage": f"iteration {name}", **row})
+        trajectory.append(row)
+        print(f"[{name} {t}/{cfg.iterations}] " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)))
+    return trajectory, metrics, outputs
+
+
+# ============================================================================================
+# Main: starting model, the arm(s), report
+# ============================================================================================
+
+
+def main(cfg: Config) -> dict:
+    # ---------------------------------------------------------------- set-up: everything is checked first
+    check_ld_config(cfg)
+    device, out = C.pick_device(cfg.device), Path(cfg.output_dir)
+    dtype = C.pick_dtype(cfg.dtype, device)
+    C.seed_everything(cfg.seed)
+    policy, tokenizer = C.load_model_and_tokenizer(cfg.model, cfg.trust_remote_code, cfg.seed)
+    data = C.load_data(cfg, tokenizer, need_pref=False)  # raises on bad rows before anything is trained or written
+    judge = C.load_reward_model(cfg.reward_model, tokenizer, cfg.trust_remote_code).to(device) if cfg.reward_model else None
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    log = C.jsonl_logger(out / "metrics.jsonl")
+    policy.to(device)
+    print(f"{len(data['sft'])} SFT rows, {len(data['test'])} test prompts; model {cfg.model} "
+          f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters) on {device}, {dtype}")
+
+    # ---------------------------------------------------------------- the starting model: SFT (built-in task) or --model
+    saved = []
+    if data["builtin"] or cfg.sft_first:
+        C.train_sft(policy, data["sft"], cfg, device=device, dtype=dtype, seed=cfg.seed, desc="sft", log=log)
+        saved.append(out / "sft")
+        C.save_model(policy, tokenizer, saved[-1])
+    score_fn, score_name = C.preference_scorer(data["builtin"], judge, judge is not None, tokenizer, cfg, device, dtype)
+    sft_metrics, sft_outputs = C.evaluate(policy, tokenizer, data["test"], cfg, device=device, dtype=dtype,
+                                          score_fn=score_fn, desc="eval sft")
+    log({"stage": "eval sft", **sft_metrics})
+
+    # ---------------------------------------------------------------- self-play: LD-Align (and SPIN with --compare)
+    arms = [("ld_align" if cfg.weighting == "latent" else "spin", cfg.weighting)] + ([("spin", "uniform")] if cfg.compare else [])
+    trajectory = [{"arm": "sft", "iteration": 0, **sft_metrics}]
+    finals, responses = {"sft": sft_metrics}, {"sft": sft_outputs["responses"]}
+    for i, (name, weighting) in enumerate(arms):
+        arm_policy = copy.deepcopy(policy) if i < len(arms) - 1 else policy  # every arm starts from the same weights
+        rows, finals[name], arm_outputs = self_play(name, weighting, arm_policy, tokenizer, data, cfg, device=device, dtype=dtype,
+                                                    score_fn=score_fn, sft_outputs=sft_outputs, log=log)
+        trajectory += rows
+        responses[name] = arm_outputs["responses"]
+        saved.append(out / ("final" if i == 0 else f"final_{name}"))
+        C.save_model(arm_policy, tokenizer, saved[-1])
+
+    # ---------------------------------------------------------------- report: final models and the trajectory
+    results = {"config": dataclasses.asdict(cfg), "reward_metric": score_name, **finals, "trajectory": trajectory,
+               "examples": [{"prompt": t["prompt"], "reference": t["reference"], **{k: v[j] for k, v in responses.items()}}
+                            for j, t in enumerate(data["test"][:5])]}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    by_iteration = sorted(trajectory[1:], key=lambda r: r["iteration"])  # arms side by side, iteration by iteration
+    columns = {"sft": sft_metrics} | {f"{r['arm']} {r['iteration']}": {k: v for k, v in r.items() if k not in ("arm", "iteration")}
+                                      for r in by_iteration}
+    print("\n" + C.format_table(columns))
+    print(f"rougeL: F1 against the reference (instruction following); reward: {score_name}; win_rate: against the "
+          f"SFT model's response, by reward (ties 1/2); length: response tokens; identical: samples equal to the gold "
+          f"response; d_*: latent distances; clipped: weights cut at --w_max; guide_loss: reconstruction loss")
+    print(f"\nexample prompt: {results['examples'][0]['prompt']}")
+    for key in ("reference", *responses):
+        print(f"  {key + ':':11}{results['examples'][0][key]}")
+    print(f"\nsaved {', '.join(map(str, saved))}, {out / 'results.json'}")
+    return results
+
+
+if __name__ == "__main__":
+    main(C.parse_config(Config))

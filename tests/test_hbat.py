@@ -1,0 +1,316 @@
+"""hbat.py: the modified EWC's bookkeeping across rounds checked by hand, anchors and references, the
+K = 1 equivalence to two_stage_baseline.py, the ablations, resume, and smoke runs."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common as C
+import hbat
+import two_stage_baseline
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(n_sft=32, n_pref=32, eval_size=4, sft_epochs=1, batch_size=16, ppo_batch_size=16, max_new_tokens=8)
+
+
+def config(tmp_path, **overrides) -> hbat.Config:
+    return hbat.Config(**{**TINY, "output_dir": str(tmp_path / "run"), **overrides})
+
+
+def final_weights(out) -> dict:
+    return load_file(Path(out) / "final" / "model.safetensors")
+
+
+def params_of(model) -> dict:
+    """Every parameter, frozen or not (C.snapshot keeps only the trainable ones)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+# ------------------------------------------------------------------------------- pure helpers
+
+
+def test_shards_are_contiguous_and_balanced():
+    items = list(range(11))
+    parts = hbat.shards(items, 3)
+    assert [len(p) for p in parts] in ([4, 3, 4], [3, 4, 4], [4, 4, 3])
+    assert sum(parts, []) == items
+    assert hbat.shards(items, 1) == [items]
+
+
+def test_stage_list_alternates_sft_then_preference():
+    assert hbat.stage_list(2) == [(1, "sft"), (1, "pref"), (2, "sft"), (2, "pref")]
+
+
+def test_most_important_takes_the_top_fraction():
+    raw = {f"t{i}": float(v) for i, v in enumerate([5, 1, 9, 3, 7, 0, 2, 8, 6, 4])}
+    assert hbat.most_important(raw, 0.2) == ["t2", "t7"]  # 20% of 10 tensors: the two largest
+    assert hbat.most_important(raw, 0.0) == []
+
+
+def test_random_importance_is_a_seeded_softmax_of_uniform_scores():
+    names = [f"t{i}" for i in range(6)]
+    weights = hbat.random_importance(names, seed=3)
+    scores = torch.rand(6, generator=torch.Generator().manual_seed(3), dtype=torch.float64).tolist()
+    expected = [math.exp(s) / sum(math.exp(x) for x in scores) for s in scores]
+    assert list(weights) == names
+    assert list(weights.values()) == pytest.approx(expected, rel=1e-12)
+    assert sum(weights.values()) == pytest.approx(1.0, rel=1e-12)
+    assert hbat.random_importance(names, seed=3) == weights
+    assert hbat.random_importance(names, seed=4) != weights
+
+
+# ------------------------------------------------------------------------------- the bookkeeping, by hand
+# Fake stages move known tensors by known amounts, so every importance, weight, anchor and penalty
+# of the run's regulariser can be written down by hand. With s = 1 the drift importance of a tensor
+# moved by a constant c is c^2.
+
+A, B, NORM = "model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight", "model.norm.weight"
+SFT_MOVE, PREF_MOVE = {A: 1.0, B: 2.0}, {NORM: 0.5}
+
+
+def record_stages(monkeypatch):
+    """Replace the training stages by fixed moves; record what each stage was given."""
+    calls = []
+
+    def fake_stage(moves, kind):
+        def stage(policy, *args, penalty=None, **kwargs):
+            params = dict(policy.named_parameters())
+            call = {"kind": kind, "start": {n: p.detach().clone() for n, p in params.items()}, "penalty": penalty,
+                    "reference": None if kind == "sft" else {n: p.detach().clone() for n, p in args[0].named_parameters()}}
+            call["penalty_at_start"] = None if penalty is None else float(penalty().detach())
+            with torch.no_grad():
+                for name, delta in moves.items():
+                    params[name] += delta
+            call["penalty_after_move"] = None if penalty is None else float(penalty().detach())
+            calls.append(call)
+        return stage
+
+    monkeypatch.setattr(C, "train_sft", fake_stage(SFT_MOVE, "sft"))
+    monkeypatch.setattr(C, "train_dpo", fake_stage(PREF_MOVE, "pref"))
+    return calls
+
+
+def softmax(raw: dict) -> dict:
+    z = sum(math.exp(v) for v in raw.values())
+    return {n: math.exp(v) / z for n, v in raw.items()}
+
+
+def test_hbat_importance_anchor_and_penalty_across_two_rounds_by_hand(tmp_path, monkeypatch):
+    calls = record_stages(monkeypatch)
+    lam, max_weight = 2.0, 3.0
+    cfg = config(tmp_path, rounds=2, ewc_mse_factor=1.0, ewc_lambda=lam, ewc_max_weight=max_weight)
+    hbat.main(cfg)
+    names = list(calls[0]["start"])
+    zeros = dict.fromkeys(names, 0.0)
+    numel = {n: calls[0]["start"][n].numel() for n in names}
+    # raw accumulators by hand: each stage adds (move * s)^2 to the accumulator of the other stage type
+    expected_raw = [None,                                   # round 1 SFT: no EWC
+                    {**zeros, A: 1.0, B: 4.0},              # round 1 pref: drift of round 1 SFT
+                    {**zeros, NORM: 0.25},                  # round 2 SFT: drift of round 1 pref
+                    {**zeros, A: 2.0, B: 8.0}]              # round 2 pref: both SFT drifts, summed
+    moves = [SFT_MOVE, PREF_MOVE, SFT_MOVE, PREF_MOVE]
+    assert [c["kind"] for c in calls] == ["sft", "pref", "sft", "pref"]
+    assert calls[0]["penalty"] is None
+    for call, raw, move in zip(calls[1:], expected_raw[1:], moves[1:]):
+        weights = softmax(raw)
+        _, penalty_weights, anchor, penalty_lam, penalty_max = call["penalty"].args
+        assert penalty_weights == pytest.approx(weights, rel=1e-9)
+        assert (penalty_lam, penalty_max) == (lam, max_weight)
+        for n in names:  # the anchor is refreshed: the parameters at this stage's start
+            assert torch.equal(anchor[n], call["start"][n]), n
+        # M * sum_n w_n * sum_j (lambda * delta)^2, for the stage's own move away from the anchor
+        expected = max_weight * sum(weights[n] * numel[n] * (lam * d) ** 2 for n, d in move.items())
+        assert call["penalty_at_start"] == 0.0
+        assert call["penalty_after_move"] == pytest.approx(expected, rel=1e-5)
+    state = json.loads((Path(cfg.output_dir) / "checkpoint" / "state.json").read_text())
+    assert state["importance"]["sft"] == pytest.approx({**zeros, NORM: 0.5})  # carried: two pref drifts
+    assert state["importance"]["pref"] == pytest.approx({**zeros, A: 2.0, B: 8.0})
+
+
+def test_default_scale_penalises_only_the_most_drifted_tensor(tmp_path, monkeypatch):
+    calls = record_stages(monkeypatch)
+    hbat.main(config(tmp_path, rounds=2))  # s = 1e10: the softmax is one-hot
+    weights = calls[1]["penalty"].args[1]
+    assert weights[B] == 1.0 and sum(weights.values()) == 1.0
+
+
+def test_anchor_and_reference_are_the_previous_stage_output(tmp_path, monkeypatch):
+    """With real training: each stage starts from the previous stage's output, its EWC anchor equals it,
+    and a preference stage's DPO reference equals it too."""
+    starts, original_sft, original_dpo = [], C.train_sft, C.train_dpo
+
+    def wrap(train, kind):
+        def stage(policy, *args, penalty=None, **kwargs):
+            starts.append({"kind": kind, "start": params_of(policy), "anchor": None if penalty is None else penalty.args[2],
+                           "reference": None if kind == "sft" else params_of(args[0])})
+            train(policy, *args, penalty=penalty, **kwargs)
+            starts[-1]["end"] = params_of(policy)
+        return stage
+
+    monkeypatch.setattr(C, "train_sft", wrap(original_sft, "sft"))
+    monkeypatch.setattr(C, "train_dpo", wrap(original_dpo, "pref"))
+    hbat.main(config(tmp_path, rounds=2, n_sft=16, n_pref=16))
+    assert [s["kind"] for s in starts] == ["sft", "pref", "sft", "pref"]
+    assert starts[0]["anchor"] is None  # round 1's SFT stage has no EWC
+    for previous, stage in zip(starts, starts[1:]):
+        for name, value in previous["end"].items():
+            assert torch.equal(stage["start"][name], value), name
+            assert torch.equal(stage["anchor"][name], value), name
+            if stage["reference"] is not None:
+                assert torch.equal(stage["reference"][name], value), name
+        assert any(not torch.equal(previous["end"][n], previous["start"][n]) for n in previous["end"])  # it trained
+
+
+# ------------------------------------------------------------------------------- equivalence to the baseline
+
+
+@pytest.mark.parametrize("pref", ["dpo", "ppo"])
+def test_one_round_without_ewc_is_the_two_stage_baseline(tmp_path, pref):
+    hbat.main(config(tmp_path, pref=pref, rounds=1, ewc="none", output_dir=str(tmp_path / "hbat")))
+    baseline_cfg = two_stage_baseline.Config(**TINY, pref=pref, output_dir=str(tmp_path / "baseline"))
+    two_stage_baseline.main(baseline_cfg)
+    assert_same_weights(final_weights(tmp_path / "hbat"), final_weights(tmp_path / "baseline"))
+    hbat_results = json.loads((tmp_path / "hbat" / "results.json").read_text())
+    baseline_results = json.loads((tmp_path / "baseline" / "results.json").read_text())
+    assert hbat_results[f"hbat {pref}"] == pytest.approx(baseline_results[f"sft+{pref}"])
+
+
+# ------------------------------------------------------------------------------- ablations
+
+
+def test_freeze_keeps_exactly_the_top_fifth_of_tensors_fixed(tmp_path, monkeypatch):
+    seen, original_dpo = [], C.train_dpo
+
+    def stage(policy, *args, **kwargs):
+        frozen = [n for n, p in policy.named_parameters() if not p.requires_grad]
+        before = params_of(policy)
+        original_dpo(policy, *args, **kwargs)
+        seen.append({"frozen": frozen, "before": before, "after": params_of(policy),
+                     "penalty": kwargs.get("penalty")})
+
+    monkeypatch.setattr(C, "train_dpo", stage)
+    cfg = config(tmp_path, rounds=2, n_sft=16, n_pref=16, ewc="freeze")
+    hbat.main(cfg)
+    n_tensors = len(seen[0]["before"])
+    for stage_seen in seen:
+        assert len(stage_seen["frozen"]) == round(0.2 * n_tensors) and stage_seen["penalty"] is None
+        for name, value in stage_seen["before"].items():
+            unchanged = torch.equal(stage_seen["after"][name], value)
+            assert unchanged == (name in stage_seen["frozen"]), name
+    assert all(p.requires_grad for p in C.load_model_and_tokenizer(str(Path(cfg.output_dir) / "final"))[0].parameters())
+
+
+def test_freeze_picks_the_tensors_the_other_objective_moved_most(tmp_path, monkeypatch):
+    frozen_seen = []
+    calls = record_stages(monkeypatch)
+    fake_dpo = C.train_dpo
+
+    def stage(policy, *args, **kwargs):
+        frozen_seen.append([n for n, p in policy.named_parameters() if not p.requires_grad])
+        fake_dpo(policy, *args, **kwargs)
+
+    monkeypatch.setattr(C, "train_dpo", stage)
+    hbat.main(config(tmp_path, rounds=1, ewc="freeze"))
+    names = list(calls[0]["start"])
+    assert len(names) == 20  # so 20% is 4 tensors: the two that round 1's SFT moved, then ties in model order
+    assert set(frozen_seen[0]) == {B, A, *[n for n in names if n not in (A, B)][:2]}
+
+
+def test_random_ablation_penalises_with_normalised_random_weights(tmp_path, monkeypatch):
+    calls = record_stages(monkeypatch)
+    hbat.main(config(tmp_path, rounds=2, ewc="random"))
+    for index, call in enumerate(calls[1:], start=1):
+        weights = call["penalty"].args[1]
+        assert weights == hbat.random_importance(list(weights), seed=0 + index)  # seed + stage index
+        assert sum(weights.values()) == pytest.approx(1.0) and min(weights.values()) > 0
+
+
+def test_fisher_ablation_uses_textbook_ewc_on_the_other_objectives_data(tmp_path, monkeypatch):
+    calls = record_stages(monkeypatch)
+    cfg = config(tmp_path, rounds=2, ewc="fisher", fisher_samples=4, fisher_lambda=7.0)
+    hbat.main(cfg)
+    penalty = calls[1]["penalty"]  # round 1 pref: Fisher of the SFT shard just trained on, at the stage start
+    assert penalty.func is C.ewc_penalty and penalty.args[3] == 7.0
+    policy, tokenizer = C.load_model_and_tokenizer("tiny", seed=0)
+    data = C.load_data(cfg, tokenizer)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            p.copy_(calls[1]["start"][name])
+    expected = C.empirical_fisher(policy, hbat.shards(data["sft"], 2)[0][:4], torch.device("cpu"))
+    for name, value in expected.items():
+        torch.testing.assert_close(penalty.args[1][name], value)
+
+
+# ------------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("pref", ["dpo", "ppo"])
+def test_resume_after_a_stop_between_stages_gives_the_same_weights(tmp_path, monkeypatch, pref):
+    hbat.main(config(tmp_path, pref=pref, rounds=2, output_dir=str(tmp_path / "whole")))
+    stage_fn = "train_dpo" if pref == "dpo" else "train_ppo"
+    original, n_calls = getattr(C, stage_fn), []
+
+    def stop_in_round_two(*args, **kwargs):
+        n_calls.append(1)
+        if len(n_calls) == 2:
+            raise KeyboardInterrupt  # stopped during round 2's preference stage
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(C, stage_fn, stop_in_round_two)
+    cfg = config(tmp_path, pref=pref, rounds=2, output_dir=str(tmp_path / "stopped"))
+    with pytest.raises(KeyboardInterrupt):
+        hbat.main(cfg)
+    assert json.loads((tmp_path / "stopped" / "checkpoint" / "state.json").read_text())["next_stage"] == 3
+    assert not (tmp_path / "stopped" / "final").exists()
+    monkeypatch.setattr(C, stage_fn, original)
+    results = hbat.main(config(tmp_path, pref=pref, rounds=2, output_dir=str(tmp_path / "stopped"), resume=True))
+    assert_same_weights(final_weights(tmp_path / "whole"), final_weights(tmp_path / "stopped"))
+    assert [row["stage"] for row in results["trajectory"]] == ["round 1 sft", f"round 1 {pref}", "round 2 sft", f"round 2 {pref}"]
+
+    with pytest.raises(SystemExit, match="different settings: --beta 0.1 \\(now 0.2\\)"):
+        hbat.main(config(tmp_path, pref=pref, rounds=2, output_dir=str(tmp_path / "stopped"), resume=True, beta=0.2))
+
+
+def test_resume_without_a_checkpoint_starts_from_the_beginning(tmp_path, capsys):
+    results = hbat.main(config(tmp_path, rounds=1, n_sft=16, n_pref=16, resume=True))
+    assert "no checkpoint" in capsys.readouterr().out
+    assert [row["stage"] for row in results["trajectory"]] == ["round 1 sft", "round 1 dpo"]
+
+
+@pytest.mark.parametrize("flag, value, message", [("ewc", "l2", "--ewc must be"), ("rounds", 0, "--rounds must be")])
+def test_bad_settings_are_rejected_before_anything_is_written(tmp_path, flag, value, message):
+    with pytest.raises(SystemExit, match=message):
+        hbat.main(config(tmp_path, **{flag: value}))
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------- smoke
+
+
+@pytest.mark.parametrize("args", [["--pref", "dpo", "--compare"], ["--pref", "ppo", "--ewc", "fisher"]], ids=["dpo-compare", "ppo-fisher"])
+def test_smoke_hbat_end_to_end(tmp_path, args):
+    out = tmp_path / "run"
+    flags = [x for k, v in TINY.items() for x in (f"--{k}", str(v))]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, str(REPO / "hbat.py"), *flags, "--rounds", "2", *args, "--output_dir", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    results = json.loads((out / "results.json").read_text())
+    pref = args[1]
+    assert len(results["trajectory"]) == 4 and f"hbat {pref}" in results
+    assert ("two-stage dpo" in results) == ("--compare" in args)
+    assert "HBAT trajectory" in proc.stdout
+    model, _ = C.load_model_and_tokenizer(str(out / "final"))
+    assert sum(p.numel() for p in model.parameters()) > 0
