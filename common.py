@@ -221,30 +221,35 @@ def tiny_config(tokenizer, **overrides):
     return LlamaConfig(**kwargs)
 
 
-def load_model_and_tokenizer(name: str = "tiny", trust_remote_code: bool = False, seed: int = 0):
-    """`tiny` builds the built-in task's model from tiny_config (random init, seeded); anything else is
-    a Hugging Face model name or local folder. Weights are loaded in float32 (see pick_dtype).
-    A tokenizer without a pad token gets pad = EOS: every mask here is built from labels and
-    attention masks, never from token ids, so the real EOS is still learned."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(name: str = "tiny", trust_remote_code: bool = False):
+    """The tokenizer alone (`tiny`: the built-in task's word-level tokenizer). A tokenizer without a pad
+    token gets pad = EOS: every mask here is built from labels and attention masks, never from token
+    ids, so the real EOS is still learned."""
+    from transformers import AutoTokenizer
 
-    if name == "tiny":
-        tokenizer = build_tiny_tokenizer()
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(tiny_config(tokenizer))
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    tokenizer = build_tiny_tokenizer() if name == "tiny" else AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"{name}: the tokenizer has no EOS token; responses could never end")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_and_tokenizer(name: str = "tiny", trust_remote_code: bool = False, seed: int = 0):
+    """`tiny` builds the built-in task's model from tiny_config (random init, seeded); anything else is
+    a Hugging Face model name or local folder. Weights are loaded in float32 (see pick_dtype)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    tokenizer = load_tokenizer(name, trust_remote_code)
+    if name == "tiny":
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(tiny_config(tokenizer))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, trust_remote_code=trust_remote_code)
     # One EOS and one pad everywhere: the tokenizer's. A checkpoint's config may list several EOS ids,
     # and its generation_config may carry sampling defaults (repetition penalty, min_p, ...) that
     # transformers would silently merge into every generate() call: evaluation must be plain greedy
     # and PPO rollouts plain samples from pi.
-    from transformers import GenerationConfig
-
     model.config.pad_token_id, model.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     model.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                                bos_token_id=tokenizer.bos_token_id)

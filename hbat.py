@@ -61,6 +61,8 @@ def check(cfg: Config) -> None:
         problems.append(f"--rounds must be at least 1, got {cfg.rounds}")
     if cfg.ewc not in ("hbat", "fisher", "freeze", "random", "none"):
         problems.append(f"--ewc must be hbat, fisher, freeze, random or none, got {cfg.ewc!r}")
+    if cfg.fisher_samples < 1:
+        problems.append(f"--fisher_samples must be at least 1, got {cfg.fisher_samples}")
     if not 0 <= cfg.freeze_fraction <= 1:
         problems.append(f"--freeze_fraction must be in [0, 1], got {cfg.freeze_fraction}")
     if cfg.compare and cfg.pref == "ppo" and cfg.sft_data and not cfg.reward_model:
@@ -150,6 +152,7 @@ def save_checkpoint(policy, tokenizer, state: dict, out: Path) -> None:
     C.save_model(policy, tokenizer, tmp)
     (tmp / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "rng"}, indent=1))
     torch.save(state["rng"], tmp / "rng.pt")
+    shutil.rmtree(old, ignore_errors=True)  # left over if an earlier run died between the two swaps
     if current.exists():
         os.replace(current, old)
     os.replace(tmp, current)
@@ -166,20 +169,23 @@ def find_checkpoint(out: Path) -> Path | None:
 
 
 def load_checkpoint(folder: Path, cfg: Config) -> dict:
-    """The saved state, after checking the run's settings are the ones it was written with; the RNG
-    state is restored so the rest of the run draws the same samples as an uninterrupted one."""
+    """The saved state (RNG state included), after checking the run's settings are the ones it was
+    written with."""
     state = json.loads((folder / "state.json").read_text())
     saved, now = state["config"], dataclasses.asdict(cfg)
     changed = [k for k in now if k not in ("resume", "compare", "device") and saved.get(k) != now[k]]
     if changed:
         raise SystemExit(f"--resume: {folder} was written with different settings: "
                          + ", ".join(f"--{k} {saved.get(k)} (now {now[k]})" for k in changed))
-    rng = torch.load(folder / "rng.pt", weights_only=False)
+    state["rng"] = torch.load(folder / "rng.pt", weights_only=False)
+    return state
+
+
+def restore_rng(rng: dict) -> None:
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return state
 
 
 # ============================================================================================
@@ -206,10 +212,12 @@ def train_stage(cfg: Config, kind: str, policy, shard: list, reward_model, *, pe
 def reward_model_from(policy, tokenizer, data: dict, cfg: Config, out: Path, log, device, dtype):
     """--pref ppo: the reward model is trained once, on all preference pairs, from the model after round
     1's SFT stage (for K = 1, the baseline's SFT model); every PPO stage reuses it."""
-    C.save_model(policy, tokenizer, out / "reward_model")
-    reward_model = C.load_reward_model(str(out / "reward_model"), tokenizer, cfg.trust_remote_code).to(device)
+    tmp = out / "reward_model.tmp"  # renamed when trained: a reward_model/ folder always has a trained head
+    C.save_model(policy, tokenizer, tmp)
+    reward_model = C.load_reward_model(str(tmp), tokenizer, cfg.trust_remote_code).to(device)
     C.train_reward_model(reward_model, data["pref"], cfg, device=device, dtype=dtype, seed=cfg.seed, log=log)
-    C.save_model(reward_model, tokenizer, out / "reward_model")
+    C.save_model(reward_model, tokenizer, tmp)
+    os.replace(tmp, out / "reward_model")
     return reward_model.requires_grad_(False)
 
 
@@ -226,6 +234,8 @@ def run(cfg: Config, data: dict, out: Path, judge=None, against: dict | None = N
     if folder is None:
         if cfg.resume:
             print(f"--resume: no checkpoint in {out}; starting from the beginning")
+        for stale in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "reward_model", "reward_model.tmp", "final"):  # an older run's
+            shutil.rmtree(out / stale, ignore_errors=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
         policy, tokenizer = C.load_model_and_tokenizer(cfg.model, cfg.trust_remote_code, cfg.seed)
     else:
@@ -238,6 +248,8 @@ def run(cfg: Config, data: dict, out: Path, judge=None, against: dict | None = N
     reward_model = None
     if cfg.pref == "ppo" and state["next_stage"] > 0:  # resumed after the reward model was trained
         reward_model = C.load_reward_model(str(out / "reward_model"), tokenizer, cfg.trust_remote_code).to(device).requires_grad_(False)
+    if folder is not None:  # last, after every model is loaded: the rest of the run draws what it would have
+        restore_rng(state["rng"])
 
     stages = stage_list(cfg.rounds)
     for index in range(state["next_stage"], len(stages)):
@@ -251,7 +263,11 @@ def run(cfg: Config, data: dict, out: Path, judge=None, against: dict | None = N
             p.requires_grad_(param_name not in frozen)
         before = {n: p.detach().clone() for n, p in policy.named_parameters()}
         shard = (sft_shards if kind == "sft" else pref_shards)[round_ - 1]
-        train_stage(cfg, kind, policy, shard, reward_model, penalty=penalty, seed=seed, name=name, log=log,
+        # Each stage gets a fresh AdamW (the authors run every stage as its own job), but the learning-rate
+        # warm-up happens once per objective, in round 1: later stages run at the full rate, as one
+        # continuous run would. Otherwise short stages would train at a lower average rate than the baseline.
+        stage_cfg = cfg if round_ == 1 else dataclasses.replace(cfg, warmup_steps=0)
+        train_stage(stage_cfg, kind, policy, shard, reward_model, penalty=penalty, seed=seed, name=name, log=log,
                     device=device, dtype=dtype)
         policy.requires_grad_(True)
         record_drift(state, kind, before, {n: p.detach() for n, p in policy.named_parameters()}, cfg)
@@ -267,6 +283,7 @@ def run(cfg: Config, data: dict, out: Path, judge=None, against: dict | None = N
         state["trajectory"].append({"stage": name, "ewc": regulariser, **metrics})
         state["last_responses"], state["score_name"] = outputs["responses"][:5], score_name
         log({"stage": f"eval {name}", **metrics})
+        print(f"[{out.name}] {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f"; ewc: {regulariser}")
         state["next_stage"], state["rng"] = index + 1, rng_state()
         save_checkpoint(policy, tokenizer, state, out)
 
@@ -284,9 +301,11 @@ def run(cfg: Config, data: dict, out: Path, judge=None, against: dict | None = N
 def main(cfg: Config) -> dict:
     check(cfg)
     out = Path(cfg.output_dir)
-    C.seed_everything(cfg.seed)
-    _, tokenizer = C.load_model_and_tokenizer(cfg.model, cfg.trust_remote_code, cfg.seed)
+    tokenizer = C.load_tokenizer(cfg.model, cfg.trust_remote_code)
     data = C.load_data(cfg, tokenizer)  # raises on bad rows before anything is trained or written
+    if cfg.rounds > min(len(data["sft"]), len(data["pref"])):
+        raise SystemExit(f"bad settings: --rounds {cfg.rounds} leaves an empty shard ({len(data['sft'])} SFT rows, "
+                         f"{len(data['pref'])} preference pairs)")
     judge = C.load_reward_model(cfg.reward_model, tokenizer, cfg.trust_remote_code) if cfg.reward_model else None
     if judge is not None:
         judge.to(C.pick_device(cfg.device))
@@ -297,12 +316,13 @@ def main(cfg: Config) -> dict:
     if cfg.compare:  # the two-stage baseline is HBAT with one round and no regulariser (tests/test_hbat.py)
         baseline_cfg = dataclasses.replace(cfg, rounds=1, ewc="none")
         baseline = run(baseline_cfg, data, out / "two_stage", judge)
-        columns["sft"] = dict(baseline["trajectory"][0], stage="two-stage stage 1")
+        columns["two-stage sft"] = baseline["trajectory"][0]
         columns[f"two-stage {cfg.pref}"] = baseline["trajectory"][-1]
     hbat = run(cfg, data, out, judge, *((baseline["first_outputs"], "the two-stage SFT model") if baseline else ()))
     columns[f"hbat {cfg.pref}"] = hbat["trajectory"][-1]
 
-    print(f"\nHBAT trajectory (win_rate against {hbat['win_rate_against']}; ewc: the most-weighted tensor and its weight)")
+    print(f"\nHBAT trajectory (win_rate against {hbat['win_rate_against']}; ewc: the stage's regulariser: for "
+          f"hbat/random the most-weighted tensor and its weight)")
     print(format_trajectory(hbat["trajectory"]))
     metric_columns = {k: {m: v for m, v in c.items() if m not in ("stage", "ewc")} for k, c in columns.items()}
     if cfg.compare:

@@ -87,8 +87,10 @@ def record_stages(monkeypatch):
     def fake_stage(moves, kind):
         def stage(policy, *args, penalty=None, **kwargs):
             params = dict(policy.named_parameters())
+            shard, cfg = args[-2:]
             call = {"kind": kind, "start": {n: p.detach().clone() for n, p in params.items()}, "penalty": penalty,
-                    "reference": None if kind == "sft" else {n: p.detach().clone() for n, p in args[0].named_parameters()}}
+                    "reference": None if kind == "sft" else {n: p.detach().clone() for n, p in args[0].named_parameters()},
+                    "shard": shard, "seed": kwargs["seed"], "warmup_steps": cfg.warmup_steps}
             call["penalty_at_start"] = None if penalty is None else float(penalty().detach())
             with torch.no_grad():
                 for name, delta in moves.items():
@@ -134,6 +136,12 @@ def test_hbat_importance_anchor_and_penalty_across_two_rounds_by_hand(tmp_path, 
         expected = max_weight * sum(weights[n] * numel[n] * (lam * d) ** 2 for n, d in move.items())
         assert call["penalty_at_start"] == 0.0
         assert call["penalty_after_move"] == pytest.approx(expected, rel=1e-5)
+    # each stage trains on its own shard with its own seed; the warm-up happens in round 1 only
+    data = C.load_data(cfg, C.load_tokenizer("tiny"))
+    sft_shards, pref_shards = hbat.shards(data["sft"], 2), hbat.shards(data["pref"], 2)
+    assert [c["shard"] for c in calls] == [sft_shards[0], pref_shards[0], sft_shards[1], pref_shards[1]]
+    assert [c["seed"] for c in calls] == [cfg.seed + i for i in range(4)]
+    assert [c["warmup_steps"] for c in calls] == [cfg.warmup_steps, cfg.warmup_steps, 0, 0]
     state = json.loads((Path(cfg.output_dir) / "checkpoint" / "state.json").read_text())
     assert state["importance"]["sft"] == pytest.approx({**zeros, NORM: 0.5})  # carried: two pref drifts
     assert state["importance"]["pref"] == pytest.approx({**zeros, A: 2.0, B: 8.0})
@@ -161,7 +169,16 @@ def test_anchor_and_reference_are_the_previous_stage_output(tmp_path, monkeypatc
 
     monkeypatch.setattr(C, "train_sft", wrap(original_sft, "sft"))
     monkeypatch.setattr(C, "train_dpo", wrap(original_dpo, "pref"))
-    hbat.main(config(tmp_path, rounds=2, n_sft=16, n_pref=16))
+    cfg = config(tmp_path, rounds=2, n_sft=32, n_pref=32, batch_size=8)
+    hbat.main(cfg)
+    steps = [json.loads(line) for line in open(Path(cfg.output_dir) / "metrics.jsonl") if '"step"' in line]
+    by_stage = {}
+    for row in steps:
+        by_stage.setdefault(row["stage"], []).append(row)
+    assert all("loss/ewc" not in row for row in by_stage["round 1 sft"])  # no EWC in round 1's SFT stage
+    for stage in ("round 1 dpo", "round 2 sft", "round 2 dpo"):  # the penalty is added at every step
+        ewc = [row["loss/ewc"] for row in by_stage[stage]]
+        assert ewc[0] == 0.0 and all(v > 0 for v in ewc[1:]), (stage, ewc)  # 0 at the anchor, then > 0
     assert [s["kind"] for s in starts] == ["sft", "pref", "sft", "pref"]
     assert starts[0]["anchor"] is None  # round 1's SFT stage has no EWC
     for previous, stage in zip(starts, starts[1:]):
@@ -251,6 +268,13 @@ def test_fisher_ablation_uses_textbook_ewc_on_the_other_objectives_data(tmp_path
     expected = C.empirical_fisher(policy, hbat.shards(data["sft"], 2)[0][:4], torch.device("cpu"))
     for name, value in expected.items():
         torch.testing.assert_close(penalty.args[1][name], value)
+    # round 2 SFT: Fisher of the chosen responses of round 1's preference shard, at that stage's start
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            p.copy_(calls[2]["start"][name])
+    expected = C.empirical_fisher(policy, [p["chosen"] for p in hbat.shards(data["pref"], 2)[0][:4]], torch.device("cpu"))
+    for name, value in expected.items():
+        torch.testing.assert_close(calls[2]["penalty"].args[1][name], value)
 
 
 # ------------------------------------------------------------------------------- resume
@@ -258,7 +282,8 @@ def test_fisher_ablation_uses_textbook_ewc_on_the_other_objectives_data(tmp_path
 
 @pytest.mark.parametrize("pref", ["dpo", "ppo"])
 def test_resume_after_a_stop_between_stages_gives_the_same_weights(tmp_path, monkeypatch, pref):
-    hbat.main(config(tmp_path, pref=pref, rounds=2, output_dir=str(tmp_path / "whole")))
+    smooth = dict(ewc_mse_factor=1e3)  # softmax not one-hot: a wrongly restored accumulator would show
+    hbat.main(config(tmp_path, pref=pref, rounds=2, output_dir=str(tmp_path / "whole"), **smooth))
     stage_fn = "train_dpo" if pref == "dpo" else "train_ppo"
     original, n_calls = getattr(C, stage_fn), []
 
@@ -269,18 +294,20 @@ def test_resume_after_a_stop_between_stages_gives_the_same_weights(tmp_path, mon
         return original(*args, **kwargs)
 
     monkeypatch.setattr(C, stage_fn, stop_in_round_two)
-    cfg = config(tmp_path, pref=pref, rounds=2, output_dir=str(tmp_path / "stopped"))
+    cfg = config(tmp_path, pref=pref, rounds=2, output_dir=str(tmp_path / "stopped"), **smooth)
     with pytest.raises(KeyboardInterrupt):
         hbat.main(cfg)
     assert json.loads((tmp_path / "stopped" / "checkpoint" / "state.json").read_text())["next_stage"] == 3
     assert not (tmp_path / "stopped" / "final").exists()
     monkeypatch.setattr(C, stage_fn, original)
-    results = hbat.main(config(tmp_path, pref=pref, rounds=2, output_dir=str(tmp_path / "stopped"), resume=True))
+    results = hbat.main(config(tmp_path, pref=pref, rounds=2, output_dir=str(tmp_path / "stopped"), resume=True, **smooth))
     assert_same_weights(final_weights(tmp_path / "whole"), final_weights(tmp_path / "stopped"))
+    whole, resumed = ((tmp_path / run / "checkpoint" / "state.json").read_text() for run in ("whole", "stopped"))
+    assert json.loads(whole)["importance"] == json.loads(resumed)["importance"]
     assert [row["stage"] for row in results["trajectory"]] == ["round 1 sft", f"round 1 {pref}", "round 2 sft", f"round 2 {pref}"]
 
     with pytest.raises(SystemExit, match="different settings: --beta 0.1 \\(now 0.2\\)"):
-        hbat.main(config(tmp_path, pref=pref, rounds=2, output_dir=str(tmp_path / "stopped"), resume=True, beta=0.2))
+        hbat.main(config(tmp_path, pref=pref, rounds=2, output_dir=str(tmp_path / "stopped"), resume=True, beta=0.2, **smooth))
 
 
 def test_resume_without_a_checkpoint_starts_from_the_beginning(tmp_path, capsys):
@@ -289,7 +316,8 @@ def test_resume_without_a_checkpoint_starts_from_the_beginning(tmp_path, capsys)
     assert [row["stage"] for row in results["trajectory"]] == ["round 1 sft", "round 1 dpo"]
 
 
-@pytest.mark.parametrize("flag, value, message", [("ewc", "l2", "--ewc must be"), ("rounds", 0, "--rounds must be")])
+@pytest.mark.parametrize("flag, value, message", [("ewc", "l2", "--ewc must be"), ("rounds", 0, "--rounds must be"),
+                                                   ("rounds", 40, "leaves an empty shard"), ("fisher_samples", 0, "--fisher_samples")])
 def test_bad_settings_are_rejected_before_anything_is_written(tmp_path, flag, value, message):
     with pytest.raises(SystemExit, match=message):
         hbat.main(config(tmp_path, **{flag: value}))
