@@ -127,10 +127,10 @@ def stage_regulariser(cfg: Config, model, state: dict, kind: str, seed: int, oth
     raw = state["importance"][kind]
     if cfg.ewc == "none" or raw is None:
         return None, [], "-"
-    anchor = C.snapshot(model)
     if cfg.ewc == "freeze":
         frozen = most_important(raw, cfg.freeze_fraction)
         return None, frozen, f"froze {len(frozen)} of {len(raw)}"
+    anchor = C.snapshot(model)
     if cfg.ewc == "fisher":  # textbook EWC: per-sample diagonal Fisher of the other objective's last shard
         fisher = C.empirical_fisher(model, other_examples[: cfg.fisher_samples], device, dtype)
         return functools.partial(C.ewc_penalty, model, fisher, anchor, cfg.fisher_lambda), [], "fisher"
