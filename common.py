@@ -11,10 +11,15 @@ log-probs are float32.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
+import os
 import random
 import re
+import shutil
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -26,14 +31,46 @@ from tqdm.auto import tqdm
 IGNORE_INDEX = -100
 
 # ============================================================================================
+# Errors: what the user can fix is reported as one message, with no traceback (see cli())
+# ============================================================================================
+
+
+class UserError(Exception):
+    """Bad input (a flag, a file, a row) or a run that had to stop (a non-finite value). cli() prints the
+    message alone and exits non-zero; --debug shows the traceback."""
+
+
+class ConfigError(UserError):
+    """A bad flag, or flags that do not go together."""
+
+
+class DataError(UserError, ValueError):
+    """Bad input data, reported with the file, row and field before any training starts."""
+
+
+class NonFiniteError(UserError):
+    """A NaN or infinite loss, gradient norm or weight: the step stopped before the optimizer moved."""
+
+
+# ============================================================================================
 # Device, precision, seeding
 # ============================================================================================
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """`auto` -> CUDA when present, else CPU."""
+    """`auto` -> CUDA when present, else CPU. A CUDA device this machine does not have is refused."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N; got {device!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else "no GPU visible"
+            raise ConfigError(f"--device {device}: CUDA is not available (torch {torch.__version__}, {build}); "
+                              f"use --device cpu or auto")
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
     return torch.device(device)
 
 
@@ -42,6 +79,8 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     (mixed precision), so optimizer state and small updates are not lost to bf16 rounding."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype in ("bfloat16", "bf16") and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"--dtype {dtype}: this GPU has no bfloat16 support; use --dtype float32")
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
 
 
@@ -221,15 +260,42 @@ def tiny_config(tokenizer, **overrides):
     return LlamaConfig(**kwargs)
 
 
-def load_tokenizer(name: str = "tiny", trust_remote_code: bool = False):
+def quiet_transformers() -> None:
+    """No per-load/per-save progress bars and no load-report tables from transformers: the scripts say
+    what they load and save themselves (errors still come through)."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def from_pretrained(flag: str, name: str, load: Callable):
+    """load(name), with a failure turned into one message naming the flag. A name that is not an
+    existing folder is a hub id; one that looks like a path (/, ./, ~) must exist."""
+    quiet_transformers()
+    path, what = Path(name).expanduser(), f"{flag} {name}".strip()
+    if not path.exists() and (name.startswith(("/", ".", "~")) or name.endswith("/") or name.count("/") > 1):
+        raise ConfigError(f"{what}: no such folder")
+    if path.exists() and not (path / "config.json").is_file():
+        raise ConfigError(f"{what}: not a Hugging Face model folder (it has no config.json)")
+    try:
+        return load(str(path) if path.exists() else name)
+    except (OSError, ValueError, KeyError) as e:
+        where = "the folder" if path.exists() else "the Hugging Face hub (offline? HF_HUB_OFFLINE is " \
+                                                   f"{os.environ.get('HF_HUB_OFFLINE', 'unset')})"
+        raise ConfigError(f"{what}: could not load it from {where}: {str(e).strip().splitlines()[0]}") from e
+
+
+def load_tokenizer(name: str = "tiny", trust_remote_code: bool = False, flag: str = "--model"):
     """The tokenizer alone (`tiny`: the built-in task's word-level tokenizer). A tokenizer without a pad
     token gets pad = EOS: every mask here is built from labels and attention masks, never from token
     ids, so the real EOS is still learned."""
     from transformers import AutoTokenizer
 
-    tokenizer = build_tiny_tokenizer() if name == "tiny" else AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    tokenizer = build_tiny_tokenizer() if name == "tiny" else from_pretrained(
+        flag, name, lambda n: AutoTokenizer.from_pretrained(n, trust_remote_code=trust_remote_code))
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"{name}: the tokenizer has no EOS token; responses could never end")
+        raise ConfigError(f"{flag} {name}".strip() + ": the tokenizer has no EOS token; responses could never end")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -245,7 +311,8 @@ def load_model_and_tokenizer(name: str = "tiny", trust_remote_code: bool = False
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(tiny_config(tokenizer))
     else:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        model = from_pretrained("--model", name, lambda n: AutoModelForCausalLM.from_pretrained(
+            n, dtype=torch.float32, trust_remote_code=trust_remote_code))
     # One EOS and one pad everywhere: the tokenizer's. A checkpoint's config may list several EOS ids,
     # and its generation_config may carry sampling defaults (repetition penalty, min_p, ...) that
     # transformers would silently merge into every generate() call: evaluation must be plain greedy
@@ -257,20 +324,27 @@ def load_model_and_tokenizer(name: str = "tiny", trust_remote_code: bool = False
     return model, tokenizer
 
 
-def load_reward_model(path: str, tokenizer, trust_remote_code: bool = False):
-    """A checkpoint with a scalar head (AutoModelForSequenceClassification, 1 label; a causal LM
-    checkpoint gets a fresh head): the reward model, and the PPO value model initialised from it.
+def load_reward_model(path: str, tokenizer, trust_remote_code: bool = False, flag: str = "--reward_model",
+                      new_head: bool = False):
+    """A checkpoint with a scalar head (AutoModelForSequenceClassification, 1 label): the reward model,
+    and the PPO value model initialised from it. new_head=True: a causal LM checkpoint (the SFT model)
+    that gets a fresh head, to be trained; otherwise a missing head is an error (it would score noise).
     It must share the policy's tokenizer, since it scores the policy's token ids. We read the head
     ourselves at every token (score_tokens), so pad == EOS does not confuse the last-token lookup."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
-    if AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code).get_vocab() != tokenizer.get_vocab():
-        raise ValueError(f"{path}: the reward model's tokenizer differs from the policy's; it must score the same ids")
-
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32,
-                                                               trust_remote_code=trust_remote_code)
+    if load_tokenizer(path, trust_remote_code, flag).get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"{flag} {path}".strip() + ": its tokenizer differs from the policy's; it must score the same ids")
+    model, info = from_pretrained(flag, path, lambda n: AutoModelForSequenceClassification.from_pretrained(
+        n, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code, output_loading_info=True))
     if not hasattr(model, "score"):
-        raise ValueError(f"{path}: {type(model).__name__} has no `score` head; unsupported as a reward model")
+        raise ConfigError(f"{flag} {path}".strip() + f": {type(model).__name__} has no `score` head; unsupported as a reward model")
+    fresh = any(key.startswith("score.") for key in info["missing_keys"])
+    if fresh and not new_head:
+        raise ConfigError(f"{flag} {path}".strip() + ": has no trained scalar head (a causal LM checkpoint?); give a "
+                          "reward model, such as the reward_model/ folder of a PPO run")
+    if fresh:
+        print(f"reward model: a fresh scalar head on {path}, trained next")
     model.config.pad_token_id = tokenizer.pad_token_id
     disable_dropout(model)
     return model
@@ -288,10 +362,18 @@ def disable_dropout(model: torch.nn.Module) -> None:
         model.config.attention_dropout = 0.0
 
 
+def check_finite_weights(model, path) -> None:
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise NonFiniteError(f"{path}: not saved: {len(bad)} parameter tensors hold NaN or inf (first: {bad[0]})")
+
+
 def save_model(model, tokenizer, path: str | Path) -> None:
-    """save_pretrained for model and tokenizer, so AutoModel*/AutoTokenizer.from_pretrained reload it."""
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    """save_pretrained for model and tokenizer, so AutoModel*/AutoTokenizer.from_pretrained reload it.
+    Written whole or not at all (write_folder); weights that are not all finite are refused."""
+    check_finite_weights(model, path)
+    quiet_transformers()
+    write_folder(path, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
 
 
 # ============================================================================================
@@ -304,29 +386,42 @@ def save_model(model, tokenizer, path: str | Path) -> None:
 # Chat rows go through the tokenizer's chat template; the response is the last assistant turn.
 
 
-class DataError(ValueError):
-    """Bad input, reported with the file, row and field before any training starts."""
+DATA_FILES = (".json", ".jsonl", ".parquet")
 
 
-def read_rows(spec: str, split: str = "train", limit: int = 0) -> list[dict]:
-    """Rows of a local .json/.jsonl/.parquet file, or of a hub data set by name (via `datasets`);
-    only the first `limit` rows when limit > 0."""
-    path = Path(spec)
-    if path.suffix in (".json", ".jsonl", ".parquet") or path.is_file():
+def read_rows(spec: str, split: str = "train", limit: int = 0, flag: str = "--sft_data") -> list[dict]:
+    """Rows of a local .json/.jsonl/.parquet file, or of a hub data set by name or a local data set
+    folder (via `datasets`); only the first `limit` rows when limit > 0."""
+    path = Path(spec).expanduser()
+    if path.is_file() or path.suffix in DATA_FILES:
+        if path.suffix not in DATA_FILES:
+            raise DataError(f"{flag} {spec}: unsupported file type '{path.suffix}' (supported: "
+                            f"{', '.join(DATA_FILES)}, a data set folder, or a hub data set name)")
         rows = _read_file(path)
-    else:  # a hub data set name, or a local data set folder
+    elif not path.exists() and spec.startswith(("/", ".", "~")):
+        raise DataError(f"{flag} {spec}: no such file or folder")
+    else:  # a data set folder, or a hub data set name
         import datasets
 
-        rows = list(datasets.load_dataset(spec, split=f"{split}[:{limit}]" if limit > 0 else split))
+        try:
+            rows = list(datasets.load_dataset(spec, split=f"{split}[:{limit}]" if limit > 0 else split))
+        except Exception as e:  # datasets raises many types (hub, split, format); all mean "cannot read this"
+            raise DataError(f"{flag} {spec}: could not load it as a data set ({type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no details'})") from e
     return rows[:limit] if limit > 0 else rows
 
 
 def _read_file(path: Path) -> list[dict]:
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
+        raise DataError(f"{path}: {'is a folder, not a file' if path.is_dir() else 'file not found'}")
+    if path.suffix in (".json", ".jsonl"):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (byte {e.start}); JSON files must be UTF-8") from None
     if path.suffix == ".jsonl":
         rows = []  # row N = the N-th non-blank line, as in every other message
-        for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+        for line_no, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -336,15 +431,18 @@ def _read_file(path: Path) -> list[dict]:
         return rows
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of row objects, got {type(data).__name__}")
         return data
-    import datasets
+    import pyarrow.parquet
 
-    return list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
+    try:
+        return pyarrow.parquet.read_table(path).to_pylist()
+    except pyarrow.ArrowException as e:
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
 
 
 def _text_or_messages(value, where: str, field: str):
@@ -364,8 +462,10 @@ def _text_or_messages(value, where: str, field: str):
 def _field(row, where: str, field: str):
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object with named fields, got {type(row).__name__}")
-    if field not in row or row[field] is None:
+    if field not in row:
         raise DataError(f"{where}: missing field '{field}' (has: {', '.join(map(str, row)) or 'nothing'})")
+    if row[field] is None:
+        raise DataError(f"{where}: field '{field}' is null")
     return _text_or_messages(row[field], where, field)
 
 
@@ -458,34 +558,47 @@ def sequence(prompt_ids: list[int], response_ids: list[int]) -> dict:
     return {"input_ids": prompt_ids + response_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids}
 
 
+def count_cut(counts: dict, prompt_ids: list[int], responses: list[list[int]], cut) -> None:
+    """Tally one row's fate under truncate(): skipped (None), its prompt cut, or a response cut."""
+    if cut is None:
+        counts["skipped"] += 1
+        return
+    counts["prompt_cut"] += len(cut[0]) < len(prompt_ids)
+    counts["response_cut"] += any(len(a) < len(b) for a, b in zip(cut[1], responses))
+
+
+def new_counts(n_rows: int) -> dict:
+    return {"rows": n_rows, "prompt_cut": 0, "response_cut": 0, "skipped": 0}
+
+
 def tokenize_sft(rows, tokenizer, max_length: int, max_prompt_length: int, source: str = "data"):
-    """Validate every row (errors name file, row, field), then tokenize. Returns (examples, n_skipped)."""
+    """Validate every row (errors name file, row, field), then tokenize. Returns (examples, counts):
+    counts = {rows, prompt_cut, response_cut, skipped} (see truncate)."""
     texts = [sft_texts(row, tokenizer, f"{source}: row {i}") for i, row in enumerate(rows, start=1)]
-    examples, skipped = [], 0
+    examples, counts = [], new_counts(len(rows))
     for prompt, response in texts:
-        cut = truncate(encode_prompt(tokenizer, prompt), [encode_response(tokenizer, response)], max_length,
-                       max_prompt_length, tokenizer.bos_token_id)
-        if cut is None:
-            skipped += 1
-            continue
-        examples.append({**sequence(cut[0], cut[1][0]), "prompt": prompt, "reference": response})
-    return examples, skipped
+        prompt_ids, response_ids = encode_prompt(tokenizer, prompt), encode_response(tokenizer, response)
+        cut = truncate(prompt_ids, [response_ids], max_length, max_prompt_length, tokenizer.bos_token_id)
+        count_cut(counts, prompt_ids, [response_ids], cut)
+        if cut is not None:
+            examples.append({**sequence(cut[0], cut[1][0]), "prompt": prompt, "reference": response})
+    return examples, counts
 
 
 def tokenize_pref(rows, tokenizer, max_length: int, max_prompt_length: int, source: str = "data"):
-    """Validate every preference row, then tokenize chosen and rejected. Returns (examples, n_skipped)."""
+    """Validate every preference row, then tokenize chosen and rejected. Returns (examples, counts)."""
     texts = [pref_texts(row, tokenizer, f"{source}: row {i}") for i, row in enumerate(rows, start=1)]
-    examples, skipped = [], 0
+    examples, counts = [], new_counts(len(rows))
     for prompt, chosen, rejected in texts:
-        cut = truncate(encode_prompt(tokenizer, prompt), [encode_response(tokenizer, chosen), encode_response(tokenizer, rejected)],
-                       max_length, max_prompt_length, tokenizer.bos_token_id)
-        if cut is None:
-            skipped += 1
-            continue
-        prompt_ids, (chosen_ids, rejected_ids) = cut
-        examples.append({"chosen": sequence(prompt_ids, chosen_ids), "rejected": sequence(prompt_ids, rejected_ids),
-                         "prompt": prompt, "prompt_ids": prompt_ids})
-    return examples, skipped
+        prompt_ids = encode_prompt(tokenizer, prompt)
+        responses = [encode_response(tokenizer, chosen), encode_response(tokenizer, rejected)]
+        cut = truncate(prompt_ids, responses, max_length, max_prompt_length, tokenizer.bos_token_id)
+        count_cut(counts, prompt_ids, responses, cut)
+        if cut is not None:
+            prompt_ids, (chosen_ids, rejected_ids) = cut
+            examples.append({"chosen": sequence(prompt_ids, chosen_ids), "rejected": sequence(prompt_ids, rejected_ids),
+                             "prompt": prompt, "prompt_ids": prompt_ids})
+    return examples, counts
 
 
 def pad(seqs: list[list[int]], value: int, side: str = "right") -> torch.Tensor:
@@ -726,13 +839,9 @@ def hbat_penalty(model, weights: dict, anchor: dict, lam: float = 1.0, max_weigh
 # ============================================================================================
 # Every loop takes `penalty`: a function of no arguments returning a scalar added to the loss at
 # every optimizer step (HBAT's EWC). Each stage gets fresh AdamW optimizers, like the authors'
-# stage-level scripts (SFT, DPO and reward-model stages also warm up linearly). A non-finite loss
-# stops the run before the optimizer step, so the weights in memory and every file already written
-# stay as they were.
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
+# stage-level scripts (SFT, DPO and reward-model stages also warm up linearly). A non-finite loss,
+# metric or gradient norm stops the run before the optimizer step, so the weights in memory and every
+# file already written stay as they were.
 
 
 def chunks(items: list, n_chunks: int) -> list[list]:
@@ -743,17 +852,56 @@ def chunks(items: list, n_chunks: int) -> list[list]:
 
 def check_finite(metrics: dict[str, float], where: str) -> None:
     for name, value in metrics.items():
-        if name.startswith("loss") and not math.isfinite(value):
-            raise NonFiniteLoss(f"{where}: {name} is {value}. Stopped before the optimizer step; nothing "
-                                f"was saved from this stage and files already written are intact. Common "
-                                f"causes: fp16 overflow, a learning rate too high, an empty response.")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise NonFiniteError(f"{where}: {name} is {value}. Stopped before the optimizer step: the weights "
+                                 f"were not updated, and files already written are intact. Common causes: a "
+                                 f"learning rate too high, fp16 overflow, an empty response.")
 
 
-def optimizer_step(params, optimizer, max_grad_norm: float) -> float:
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+def optimizer_step(params, optimizer, max_grad_norm: float, where: str = "step") -> float:
+    """Clip, then step, unless the gradient norm is not finite (clipping would spread NaN into every
+    weight): then stop with NonFiniteError, weights untouched."""
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    check_finite({"grad_norm": grad_norm}, where)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
+
+
+class LineProgress:
+    """tqdm's interface (update, set_postfix, n, context manager) for a log file: one plain line at
+    most every `interval` seconds and one at the end, instead of carriage-return redraws."""
+
+    def __init__(self, total: int, desc: str, interval: float = 30.0):
+        self.total, self.desc, self.interval, self.n, self.postfix = total, desc, interval, 0, ""
+        self.start = self.last = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.perf_counter() - self.last >= self.interval:
+            self.last = time.perf_counter()
+            self.write()
+
+    def set_postfix(self, values: dict) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def write(self) -> None:
+        print(f"{self.desc}: {self.n}/{self.total} ({time.perf_counter() - self.start:.0f} s)"
+              + (f" {self.postfix}" if self.postfix else ""), file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None and self.total > 0:
+            self.write()
+
+
+def progress(total: int, desc: str, disable: bool = False):
+    """A tqdm bar on a terminal; LineProgress when stderr is a file or a pipe."""
+    if disable or sys.stderr.isatty():
+        return tqdm(total=total, desc=desc, dynamic_ncols=True, disable=disable)
+    return LineProgress(total, desc)
 
 
 def train_epochs(model, examples: list, step_fn: Callable, cfg, *, lr: float, epochs: int, seed: int,
@@ -766,7 +914,7 @@ def train_epochs(model, examples: list, step_fn: Callable, cfg, *, lr: float, ep
     order_rng = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     model.train()
-    with tqdm(total=epochs * steps_per_epoch, desc=desc, dynamic_ncols=True) as bar:
+    with progress(epochs * steps_per_epoch, desc) as bar:
         for epoch in range(epochs):
             order = torch.randperm(len(examples), generator=order_rng).tolist()
             for start in range(0, len(order), cfg.batch_size):
@@ -778,8 +926,9 @@ def train_epochs(model, examples: list, step_fn: Callable, cfg, *, lr: float, ep
                         ewc.backward()
                     metrics["loss/ewc"] = ewc.detach()
                 values = dict(zip(metrics, torch.stack([v.float() for v in metrics.values()]).tolist()))
-                check_finite(values, f"{desc}, epoch {epoch + 1}, step {bar.n + 1}")
-                values["grad_norm"] = float(optimizer_step(params, optimizer, cfg.max_grad_norm))
+                where = f"{desc}, epoch {epoch + 1}, step {bar.n + 1}"
+                check_finite(values, where)
+                values["grad_norm"] = optimizer_step(params, optimizer, cfg.max_grad_norm, where)
                 warmup.step()
                 bar.update()
                 bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if k.startswith("loss")})
@@ -924,9 +1073,14 @@ def ppo_step(policy, ref_model, reward_model, value_model, prompts: list[list[in
             step_values = dict(zip(sums, torch.stack([policy_loss.detach(), value_loss.detach(), clipfrac, ewc.detach()]).tolist()))
             check_finite(step_values, "ppo step")
             (policy_loss + ewc).backward()
-            optimizer_step(policy_params, policy_optimizer, cfg.max_grad_norm)
             value_loss.backward()
-            optimizer_step(value_params, value_optimizer, cfg.max_grad_norm)
+            # both gradient norms are checked before either model steps, so a failure leaves both untouched
+            policy_norm = float(torch.nn.utils.clip_grad_norm_(policy_params, cfg.max_grad_norm))
+            value_norm = float(torch.nn.utils.clip_grad_norm_(value_params, cfg.max_grad_norm))
+            check_finite({"grad_norm/policy": policy_norm, "grad_norm/value": value_norm}, "ppo step")
+            for optimizer in (policy_optimizer, value_optimizer):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             sums = {k: sums[k] + step_values[k] for k in sums}
             n_updates += 1
     kl = (kl_estimate(old_logps, ref_logps) * mask).sum(1)
@@ -944,7 +1098,7 @@ def train_ppo(policy, ref_model, reward_model, value_model, prompts: list[list[i
     value_optimizer = torch.optim.AdamW([p for p in value_model.parameters() if p.requires_grad], lr=cfg.value_lr, weight_decay=0.0)
     order_rng = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(prompts) / cfg.ppo_batch_size)
-    with tqdm(total=cfg.pref_epochs * steps_per_epoch, desc=desc, dynamic_ncols=True) as bar:
+    with progress(cfg.pref_epochs * steps_per_epoch, desc) as bar:
         for epoch in range(cfg.pref_epochs):
             order = torch.randperm(len(prompts), generator=order_rng).tolist()
             for start in range(0, len(order), cfg.ppo_batch_size):
@@ -976,14 +1130,16 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
     model.eval()
     responses = []
     starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc=desc, disable=desc is None or len(starts) < 2, dynamic_ncols=True):
-        chunk = prompts[start:start + batch_size]
-        input_ids = pad(chunk, pad_id, "left").to(device)
-        attention_mask = pad([[1] * len(p) for p in chunk], 0, "left").to(device)
-        with autocast(device, dtype):
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-        for row in out[:, input_ids.shape[1]:].tolist():
-            responses.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
+    with progress(len(starts), desc or "generate", disable=desc is None or len(starts) < 2) as bar:
+        for start in starts:
+            chunk = prompts[start:start + batch_size]
+            input_ids = pad(chunk, pad_id, "left").to(device)
+            attention_mask = pad([[1] * len(p) for p in chunk], 0, "left").to(device)
+            with autocast(device, dtype):
+                out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            for row in out[:, input_ids.shape[1]:].tolist():
+                responses.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
+            bar.update()
     model.train(was_training)
     return responses
 
@@ -1065,7 +1221,7 @@ def evaluate(model, tokenizer, test_rows: list[dict], cfg, *, device, dtype, sco
 
 
 # ============================================================================================
-# Configuration, data set-up, reporting
+# Configuration and the command line
 # ============================================================================================
 
 
@@ -1118,61 +1274,150 @@ class TrainConfig:
     eval_batch_size: int = 64  # prompts per generation batch
     reward_model: str = ""  # real data: a reward model folder (same tokenizer) that scores evaluations
     output_dir: str = "runs/out"  # models, metrics.jsonl and results.json go here
+    overwrite: bool = False  # replace the results of an earlier run in --output_dir (refused without it)
+    resume: bool = False  # continue the interrupted run in --output_dir from its last checkpoint
+    debug: bool = False  # on an error, show the Python traceback too (or set ALIGN_DEBUG=1)
+
+    # What every numeric flag may be (interval notation) and what every choice flag may be; a script's
+    # Config adds its own. check_config() enforces them and --help shows them.
+    RANGES = {"eval_size": "[1, inf)", "n_sft": "[0, inf)", "n_pref": "[0, inf)", "max_length": "[2, inf)",
+              "max_prompt_length": "[1, inf)", "seed": "[0, 4294967295]", "batch_size": "[1, inf)",
+              "grad_accum_steps": "[1, inf)", "sft_epochs": "[0, inf)", "sft_lr": "(0, inf)", "pref_epochs": "[1, inf)",
+              "pref_lr": "(0, inf)", "warmup_steps": "[0, inf)", "max_grad_norm": "(0, inf)", "beta": "(0, inf)",
+              "label_smoothing": "[0, 0.5)", "rm_epochs": "[1, inf)", "rm_lr": "(0, inf)", "value_lr": "(0, inf)",
+              "ppo_batch_size": "[1, inf)", "ppo_epochs": "[1, inf)", "ppo_minibatches": "[1, inf)", "kl_coef": "[0, inf)",
+              "gamma": "[0, 1]", "lam": "[0, 1]", "clip": "(0, inf)", "value_clip": "(0, inf)", "temperature": "(0, inf)",
+              "max_new_tokens": "[1, inf)", "eval_batch_size": "[1, inf)"}
+    CHOICES = {"dtype": ("auto", "float32", "bfloat16", "bf16"), "loss_type": ("sigmoid", "ipo")}
+
+
+def setting_rules(cls) -> tuple[dict, dict]:
+    """(RANGES, CHOICES) of a config class, its own over its bases'."""
+    ranges, choices = {}, {}
+    for klass in reversed(cls.__mro__):
+        ranges.update(vars(klass).get("RANGES", {}))
+        choices.update(vars(klass).get("CHOICES", {}))
+    return ranges, choices
+
+
+def in_range(value, interval: str) -> bool:
+    """value in an interval written "[1, inf)", "(0, 1]", ... (NaN is in none)."""
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return bool(above and below)
 
 
 def parse_config(cls, argv=None):
-    """argparse over a config dataclass: one --flag per field, help text from the field's comment."""
+    """argparse over a config dataclass: one --flag per field, help text from the field's comment, with
+    its range or choices. A bad flag raises ConfigError (one line) instead of printing the usage."""
     import argparse
-    import dataclasses
     import inspect
 
     helps = {}
     for klass in reversed(cls.__mro__[:-1]):
         helps.update(re.findall(r"^\s+(\w+): [^=\n]+= [^#\n]+#\s*(.+)$", inspect.getsource(klass), flags=re.M))
+    ranges, choices = setting_rules(cls)
     parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip(),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def error(message):
+        raise ConfigError(f"{message} (see --help)")
+
+    parser.error = error
     for f in dataclasses.fields(cls):
+        text = helps.get(f.name, "").replace("%", "%%")  # argparse formats help with %
+        text += f" [one of: {', '.join(choices[f.name])}]" if f.name in choices else ""
+        text += f" [range {ranges[f.name]}]" if f.name in ranges else ""
         if isinstance(f.default, bool):
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=helps.get(f.name))
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
-            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=helps.get(f.name))
+            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=text)
     return cls(**vars(parser.parse_args(argv)))
 
 
-def check_config(cfg, need_pref: bool = True) -> None:
-    """Reject settings that would fail later, before anything is loaded or written. need_pref=False:
-    the script uses SFT data only (LD-Align), so --sft_data alone is real data and --pref_data is refused."""
-    problems = []
-    if cfg.batch_size % cfg.grad_accum_steps:
+def check_config(cfg, need_pref: bool = True, problems: list[str] | None = None) -> None:
+    """Every setting checked before anything is loaded or written: ranges and choices, flags that must
+    agree, the device and precision, and the output folder (check_output_dir). `problems` are a script's
+    own findings, reported in the same message. need_pref=False: the script uses SFT data only
+    (LD-Align), so --sft_data alone is real data and --pref_data is refused."""
+    problems = list(problems or [])
+    ranges, choices = setting_rules(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in choices and value not in choices[f.name]:
+            problems.append(f"--{f.name} must be one of {', '.join(choices[f.name])}; got {value!r}")
+        if f.name in ranges and not in_range(value, ranges[f.name]):
+            problems.append(f"--{f.name} must be in {ranges[f.name]}; got {value}")
+    if cfg.grad_accum_steps >= 1 and cfg.batch_size % cfg.grad_accum_steps:
         problems.append(f"--batch_size {cfg.batch_size} must be a multiple of --grad_accum_steps {cfg.grad_accum_steps}")
-    if cfg.loss_type not in ("sigmoid", "ipo"):
-        problems.append(f"--loss_type must be sigmoid or ipo, got {cfg.loss_type!r}")
-    if getattr(cfg, "pref", "dpo") not in ("dpo", "ppo"):
-        problems.append(f"--pref must be dpo or ppo, got {cfg.pref!r}")
-    for name in ("sft_lr", "pref_lr", "rm_lr", "value_lr", "beta", "temperature"):
-        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0):
-            problems.append(f"--{name} must be a positive finite number, got {getattr(cfg, name)}")
+    if cfg.ppo_minibatches > cfg.ppo_batch_size >= 1:
+        problems.append(f"--ppo_minibatches {cfg.ppo_minibatches} is more than --ppo_batch_size {cfg.ppo_batch_size}")
     if cfg.max_prompt_length >= cfg.max_length:
         problems.append(f"--max_prompt_length {cfg.max_prompt_length} must be below --max_length {cfg.max_length}")
+    if cfg.loss_type == "ipo" and cfg.label_smoothing:
+        problems.append("--label_smoothing applies to --loss_type sigmoid only")
     if need_pref and bool(cfg.sft_data) != bool(cfg.pref_data):
         problems.append("give both --sft_data and --pref_data, or neither (the built-in task)")
     if not need_pref and cfg.pref_data:
         problems.append("--pref_data is not used by this script (it needs SFT data only); drop it")
+    if not cfg.sft_data and (cfg.n_sft == 0 or (need_pref and cfg.n_pref == 0)):
+        problems.append("the built-in task needs --n_sft and --n_pref of at least 1 (0 means 'all rows' of a file)")
+    if cfg.resume and cfg.overwrite:
+        problems.append("--resume continues the run in --output_dir and --overwrite replaces it; give one")
+    if not problems:  # the device, then the folder: only worth checking once the flags themselves are right
+        try:
+            pick_dtype(cfg.dtype, pick_device(cfg.device))
+            check_output_dir(cfg)
+        except ConfigError as e:
+            problems.append(str(e))
     if problems:
-        raise SystemExit("bad settings:\n  " + "\n  ".join(problems))
+        raise ConfigError(problems[0] if len(problems) == 1 else "bad settings:\n  " + "\n  ".join(problems))
+
+
+def cli(main: Callable, config_cls) -> None:
+    """Every script's entry point: flags -> config -> main(config). A UserError (a bad flag, file or row,
+    or a run stopped by a non-finite value) prints its message alone, with no traceback, and exits 2 for
+    bad input, 1 for a stopped run; --debug or ALIGN_DEBUG=1 shows the traceback instead."""
+    debug = "--debug" in sys.argv[1:] or os.environ.get("ALIGN_DEBUG", "0") not in ("", "0")
+    try:
+        main(parse_config(config_cls))
+    except UserError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1 if isinstance(e, NonFiniteError) else 2)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted: every file in --output_dir is whole; --resume continues from the last checkpoint", file=sys.stderr)
+        sys.exit(130)
+    except torch.OutOfMemoryError:
+        if debug:
+            raise
+        print("error: out of GPU memory; lower --batch_size (or raise --grad_accum_steps), --eval_batch_size, "
+              "--ppo_batch_size or --max_length", file=sys.stderr)
+        sys.exit(1)
+
+
+# ============================================================================================
+# Data set-up
+# ============================================================================================
 
 
 def load_data(cfg, tokenizer, need_pref: bool = True) -> dict:
     """Tokenized SFT examples, preference examples and test rows, every row validated before any
-    training. Built-in task when no data is given. Overlong rows are skipped, counted and reported.
+    training. Built-in task when no data is given. Rows longer than --max_length are truncated (see
+    truncate), counted and reported per data set; data["counts"] holds the counts.
     need_pref=False (LD-Align): no preference rows are read or generated, and "pref" is []."""
     first_test_row = 1
     if cfg.sft_data:
         sft_limit = cfg.n_sft + (0 if cfg.eval_data else cfg.eval_size) if cfg.n_sft > 0 else 0  # + held-out rows
-        sft_rows, sft_source = read_rows(cfg.sft_data, limit=sft_limit), cfg.sft_data
-        pref_rows, pref_source = read_rows(cfg.pref_data, limit=cfg.n_pref) if need_pref else [], cfg.pref_data
+        sft_rows, sft_source = read_rows(cfg.sft_data, limit=sft_limit, flag="--sft_data"), cfg.sft_data
+        pref_rows = read_rows(cfg.pref_data, limit=cfg.n_pref, flag="--pref_data") if need_pref else []
+        pref_source = cfg.pref_data
         if cfg.eval_data:
-            test_rows, test_source = read_rows(cfg.eval_data, split="test"), cfg.eval_data
+            test_rows, test_source = read_rows(cfg.eval_data, split="test", flag="--eval_data"), cfg.eval_data
         else:
             if len(sft_rows) <= cfg.eval_size:
                 raise DataError(f"{cfg.sft_data}: {len(sft_rows)} rows leave nothing to train on after holding "
@@ -1189,23 +1434,183 @@ def load_data(cfg, tokenizer, need_pref: bool = True) -> dict:
             raise DataError(f"{source}: no rows")
     tests = [dict(zip(("prompt", "reference"), sft_texts(row, tokenizer, f"{test_source}: row {i}")))
              for i, row in enumerate(test_rows, start=first_test_row)]
-    sft, sft_skipped = tokenize_sft(sft_rows, tokenizer, cfg.max_length, cfg.max_prompt_length, sft_source)
-    pref, pref_skipped = tokenize_pref(pref_rows, tokenizer, cfg.max_length, cfg.max_prompt_length, pref_source)
-    for skipped, total, source in ((sft_skipped, len(sft_rows), sft_source), (pref_skipped, len(pref_rows), pref_source)):
-        if skipped:
-            print(f"{source}: skipped {skipped} of {total} rows whose prompt leaves no room for a response "
-                  f"(--max_length {cfg.max_length}, --max_prompt_length {cfg.max_prompt_length})")
+    sft, sft_counts = tokenize_sft(sft_rows, tokenizer, cfg.max_length, cfg.max_prompt_length, sft_source)
+    pref, pref_counts = tokenize_pref(pref_rows, tokenizer, cfg.max_length, cfg.max_prompt_length, pref_source)
+    room = max(cfg.max_length - cfg.max_new_tokens, cfg.max_prompt_length)  # generation_prompt's rule
+    test_counts = new_counts(len(tests))
+    test_counts["prompt_cut"] = sum(len(encode_prompt(tokenizer, t["prompt"])) > room for t in tests)
+    counts = {"sft": sft_counts, "test": test_counts} | ({"pref": pref_counts} if need_pref else {})
+    for kind, source in (("sft", sft_source), ("pref", pref_source), ("test", test_source)):
+        if kind in counts and (line := truncation_report(counts[kind], cfg)):
+            print(f"{source} ({'SFT' if kind == 'sft' else 'preference' if kind == 'pref' else 'test'} rows): {line}")
     if not sft or (need_pref and not pref):
         raise DataError("no training rows left after skipping overlong ones; raise --max_length")
-    return {"sft": sft, "pref": pref, "test": tests, "builtin": not cfg.sft_data}
+    return {"sft": sft, "pref": pref, "test": tests, "builtin": not cfg.sft_data, "counts": counts}
 
 
-def jsonl_logger(path: str | Path) -> Callable[[dict], None]:
-    """log(record) appends one JSON line to path (per-step metrics)."""
+def truncation_report(counts: dict, cfg) -> str:
+    """One line on what truncation did to a data set ("" when it did nothing)."""
+    parts = [f"{counts['prompt_cut']} prompts cut from the left" if counts["prompt_cut"] else "",
+             f"{counts['response_cut']} responses cut from the right, losing their EOS" if counts["response_cut"] else "",
+             f"{counts['skipped']} rows skipped (no room left for a response)" if counts["skipped"] else ""]
+    parts = [p for p in parts if p]
+    if not parts:
+        return ""
+    return f"of {counts['rows']} rows, " + "; ".join(parts) + f" (--max_length {cfg.max_length}, " \
+           f"--max_prompt_length {cfg.max_prompt_length}, --max_new_tokens {cfg.max_new_tokens} for test prompts)"
+
+
+# ============================================================================================
+# Output folders, checkpoints, logs
+# ============================================================================================
+# The rule: a folder holds whole artefacts or none. Model folders and checkpoints are written under
+# a temporary name and renamed into place (write_folder), JSON files likewise (write_json). A run
+# refuses an --output_dir that holds another run's files unless told --overwrite (cleared only after
+# every check has passed) or --resume (continued from its checkpoint). Nothing non-finite is written.
+
+RUN_FILES = ("results.json", "metrics.jsonl", "checkpoint", "sft", "reward_model", "final", "final_spin", "two_stage")
+
+
+def run_files(out: Path) -> list[str]:
+    """The files and folders of an earlier run in `out` (temporary and replaced copies included)."""
+    return [p.name for name in RUN_FILES for p in (out / name, out / f"{name}.tmp", out / f"{name}.old") if p.exists()]
+
+
+def check_output_dir(cfg) -> None:
+    """--output_dir must be a folder (or not exist yet) we can write, and hold no other run's files
+    unless --overwrite or --resume says what to do with them. Touches nothing."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output_dir {out}: is a file, not a folder")
+    parent = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output_dir {out}: {parent} is not writable")
+    found = run_files(out) if out.is_dir() else []
+    if found and not (cfg.overwrite or cfg.resume):
+        raise ConfigError(f"--output_dir {out} holds another run's files ({', '.join(found)}); pass --overwrite "
+                          f"to replace them, --resume to continue that run, or choose another --output_dir")
+
+
+def start_output(cfg, fresh: bool) -> Path:
+    """After every check has passed: create --output_dir. A fresh start (no checkpoint to continue)
+    clears an earlier run's files (only those: anything else in the folder is left alone), which
+    --resume with nothing to resume refuses to do. A resumed run removes leftovers of interrupted
+    writes, and results.json (written again at the end): results.json always means a finished run."""
+    out = Path(cfg.output_dir)
+    if fresh and cfg.resume and out.is_dir() and run_files(out):
+        raise ConfigError(f"--resume: no checkpoint in {out} to continue, but it holds another run's files "
+                          f"({', '.join(run_files(out))}); pass --overwrite instead to replace them")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in run_files(out) if fresh else [n for n in run_files(out) if n.endswith(".tmp") or n == "results.json"]:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return out
+
+
+def write_folder(path, fill: Callable[[Path], object]) -> None:
+    """fill(tmp) writes a folder under a temporary name, which then replaces `path`. An interruption
+    leaves the old folder or the new one, never half of one (between the two renames, the old one
+    survives as <path>.old, which load_checkpoint also reads)."""
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    if path.exists():  # (if only <path>.old is left from an earlier interruption, it stays until tmp is in place)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def to_json(obj, where: str, indent: int | None = 1) -> str:
+    """json.dumps that refuses NaN and inf (they are not JSON) with a message naming the file."""
+    try:
+        return json.dumps(obj, indent=indent, allow_nan=False)
+    except ValueError:
+        raise NonFiniteError(f"{where}: not written: it would hold a NaN or infinite value") from None
+
+
+def write_json(path, obj) -> None:
+    """A JSON file written whole (temporary name, then renamed) and finite."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(to_json(obj, str(path)))
+    os.replace(tmp, path)
+
+
+def open_log(out: Path, keep_lines: int = 0) -> Callable[[dict], None]:
+    """log(record) appends one JSON line to out/metrics.jsonl. The file is first cut to its first
+    `keep_lines` lines: 0 for a fresh run, a checkpoint's count on --resume (so no step is logged twice)."""
+    path = out / "metrics.jsonl"
+    lines = path.read_text().splitlines(keepends=True)[:keep_lines] if keep_lines and path.exists() else []
+    path.write_text("".join(lines))
+
     def log(record: dict) -> None:
+        line = to_json(record, str(path), indent=None)
         with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(line + "\n")
     return log
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore_rng(rng: dict) -> None:
+    """Call after loading every model a resumed run needs (loading may draw numbers), before any work."""
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def save_checkpoint(out: Path, cfg, state: dict, model=None, tokenizer=None, extra: dict | None = None) -> None:
+    """out/checkpoint/, written whole: state.json (the settings, where the run is, what it measured so
+    far, and how many metrics.jsonl lines belong to it), rng.pt (the RNG state now), and, when given,
+    the model (a Hugging Face folder) and extra.pt (other tensors: a guiding model, an optimizer)."""
+    path = out / "metrics.jsonl"
+    state = {**state, "config": dataclasses.asdict(cfg),
+             "metrics_lines": len(path.read_text().splitlines()) if path.exists() else 0}
+
+    if model is not None:
+        check_finite_weights(model, out / "checkpoint")
+
+    def fill(tmp: Path) -> None:
+        if model is not None:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        (tmp / "state.json").write_text(to_json(state, str(out / "checkpoint" / "state.json")))
+        torch.save(rng_state(), tmp / "rng.pt")
+        if extra is not None:
+            torch.save(extra, tmp / "extra.pt")
+
+    quiet_transformers()
+    write_folder(out / "checkpoint", fill)
+
+
+def load_checkpoint(out: Path, cfg) -> dict | None:
+    """The state of out/checkpoint, or None when there is none, after checking the run's settings are
+    the ones it was written with (all but --resume, --overwrite, --debug, --device and --output_dir: the
+    folder may have moved).
+    state["folder"] is the checkpoint folder; state["rng"] and state["extra"] hold its tensors."""
+    folder = next((f for f in (out / "checkpoint", out / "checkpoint.old") if (f / "state.json").exists()), None)
+    if folder is None:
+        return None
+    state = json.loads((folder / "state.json").read_text())
+    if not {"config", "metrics_lines"} <= set(state):
+        raise ConfigError(f"--resume: {folder} was written by an older version of this script; use --overwrite")
+    saved, now = state["config"], dataclasses.asdict(cfg)
+    skip = ("resume", "overwrite", "debug", "device", "output_dir")
+    changed = [k for k in now if k not in skip and saved.get(k) != now[k]]
+    if changed:
+        raise ConfigError(f"--resume: {folder} was written with other settings: "
+                          + ", ".join(f"--{k} {saved.get(k)} (now {now[k]})" for k in changed))
+    state["folder"] = folder
+    state["rng"] = torch.load(folder / "rng.pt", weights_only=False)
+    state["extra"] = torch.load(folder / "extra.pt", weights_only=False) if (folder / "extra.pt").exists() else None
+    return state
 
 
 def format_table(columns: dict[str, dict]) -> str:

@@ -24,9 +24,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import json
-import os
-import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,26 +47,18 @@ class Config(C.TrainConfig):
     fisher_samples: int = 64  # --ewc fisher: examples of the other objective's last shard for the Fisher
     freeze_fraction: float = 0.2  # --ewc freeze: fraction of tensors (most important first) frozen for the stage
     compare: bool = False  # also run the two-stage baseline (= K 1, --ewc none) on the same seed and budget
-    resume: bool = False  # continue an interrupted run from its last finished stage (output_dir/checkpoint)
-    output_dir: str = "runs/hbat"  # final/, checkpoint/, reward_model/ (PPO), metrics.jsonl, results.json
+    output_dir: str = "runs/hbat"  # final/, checkpoint/, reward_model/ (PPO), two_stage/ (--compare), metrics.jsonl, results.json
+    RANGES = {"rounds": "[1, inf)", "ewc_max_weight": "[0, inf)", "ewc_lambda": "[0, inf)", "ewc_mse_factor": "(0, inf)",
+              "fisher_lambda": "[0, inf)", "fisher_samples": "[1, inf)", "freeze_fraction": "[0, 1]"}
+    CHOICES = {"pref": ("dpo", "ppo"), "ewc": ("hbat", "fisher", "freeze", "random", "none")}
 
 
 def check(cfg: Config) -> None:
-    C.check_config(cfg)
     problems = []
-    if cfg.rounds < 1:
-        problems.append(f"--rounds must be at least 1, got {cfg.rounds}")
-    if cfg.ewc not in ("hbat", "fisher", "freeze", "random", "none"):
-        problems.append(f"--ewc must be hbat, fisher, freeze, random or none, got {cfg.ewc!r}")
-    if cfg.fisher_samples < 1:
-        problems.append(f"--fisher_samples must be at least 1, got {cfg.fisher_samples}")
-    if not 0 <= cfg.freeze_fraction <= 1:
-        problems.append(f"--freeze_fraction must be in [0, 1], got {cfg.freeze_fraction}")
     if cfg.compare and cfg.pref == "ppo" and cfg.sft_data and not cfg.reward_model:
         problems.append("--compare --pref ppo on real data needs --reward_model: each run's own reward model "
                         "would score it, and the scores would not be comparable")
-    if problems:
-        raise SystemExit("bad settings:\n  " + "\n  ".join(problems))
+    C.check_config(cfg, problems=problems)
 
 
 # ============================================================================================
@@ -141,54 +130,6 @@ def stage_regulariser(cfg: Config, model, state: dict, kind: str, seed: int, oth
 
 
 # ============================================================================================
-# Stage-level checkpoints: model, position in the alternation, importance accumulators, RNG state
-# ============================================================================================
-
-
-def save_checkpoint(policy, tokenizer, state: dict, out: Path) -> None:
-    """Write checkpoint.tmp, then swap it in: an interruption at any point leaves a whole checkpoint."""
-    tmp, current, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    C.save_model(policy, tokenizer, tmp)
-    (tmp / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "rng"}, indent=1))
-    torch.save(state["rng"], tmp / "rng.pt")
-    shutil.rmtree(old, ignore_errors=True)  # left over if an earlier run died between the two swaps
-    if current.exists():
-        os.replace(current, old)
-    os.replace(tmp, current)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def find_checkpoint(out: Path) -> Path | None:
-    return next((f for f in (out / "checkpoint", out / "checkpoint.old") if (f / "state.json").exists()), None)
-
-
-def load_checkpoint(folder: Path, cfg: Config) -> dict:
-    """The saved state (RNG state included), after checking the run's settings are the ones it was
-    written with."""
-    state = json.loads((folder / "state.json").read_text())
-    saved, now = state["config"], dataclasses.asdict(cfg)
-    changed = [k for k in now if k not in ("resume", "compare", "device") and saved.get(k) != now[k]]
-    if changed:
-        raise SystemExit(f"--resume: {folder} was written with different settings: "
-                         + ", ".join(f"--{k} {saved.get(k)} (now {now[k]})" for k in changed))
-    state["rng"] = torch.load(folder / "rng.pt", weights_only=False)
-    return state
-
-
-def restore_rng(rng: dict) -> None:
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-# ============================================================================================
 # One HBAT run (with --ewc none and --rounds 1 it is the two-stage baseline)
 # ============================================================================================
 
@@ -212,44 +153,48 @@ def train_stage(cfg: Config, kind: str, policy, shard: list, reward_model, *, pe
 def reward_model_from(policy, tokenizer, data: dict, cfg: Config, out: Path, log, device, dtype):
     """--pref ppo: the reward model is trained once, on all preference pairs, from the model after round
     1's SFT stage (for K = 1, the baseline's SFT model); every PPO stage reuses it."""
-    tmp = out / "reward_model.tmp"  # renamed when trained: a reward_model/ folder always has a trained head
-    C.save_model(policy, tokenizer, tmp)
-    reward_model = C.load_reward_model(str(tmp), tokenizer, cfg.trust_remote_code).to(device)
+    staging = out / "reward_model.tmp"  # the policy on disk, read back with a fresh head; a leftover is cleared like any .tmp
+    C.save_model(policy, tokenizer, staging)
+    reward_model = C.load_reward_model(str(staging), tokenizer, cfg.trust_remote_code, flag="", new_head=True).to(device)
+    shutil.rmtree(staging)
     C.train_reward_model(reward_model, data["pref"], cfg, device=device, dtype=dtype, seed=cfg.seed, log=log)
-    C.save_model(reward_model, tokenizer, tmp)
-    os.replace(tmp, out / "reward_model")
+    C.save_model(reward_model, tokenizer, out / "reward_model")
     return reward_model.requires_grad_(False)
 
 
-def run(cfg: Config, data: dict, out: Path, judge=None, against: dict | None = None, against_name: str = "") -> dict:
-    """Train, evaluating and checkpointing after every stage. Win rates are against `against` (another
-    model's evaluate() outputs) or else against this run's first stage (round 1's SFT model)."""
+def start_policy(cfg: Config, checkpoint: dict | None):
+    """Seed, then load the run's starting policy: its checkpoint's, or --model (for `tiny`, seeded random
+    weights). The order matters: every run draws the same random numbers as the two-stage baseline."""
+    C.seed_everything(cfg.seed)
+    return C.load_model_and_tokenizer(str(checkpoint["folder"]) if checkpoint else cfg.model, cfg.trust_remote_code, cfg.seed)
+
+
+def run(cfg: Config, data: dict, out: Path, checkpoint: dict | None, judge=None, against: dict | None = None,
+        against_name: str = "", loaded: tuple | None = None) -> dict:
+    """Train, evaluating and checkpointing after every stage; `checkpoint` is a saved state to continue
+    from (common.load_checkpoint) or None; `loaded` is start_policy()'s result when main already loaded
+    it. Win rates are against `against` (another model's evaluate() outputs) or else against this run's
+    first stage (round 1's SFT model)."""
     device = C.pick_device(cfg.device)
     dtype = C.pick_dtype(cfg.dtype, device)
     out.mkdir(parents=True, exist_ok=True)
-    C.seed_everything(cfg.seed)
-    state = {"config": dataclasses.asdict(cfg), "next_stage": 0, "importance": {"sft": None, "pref": None},
-             "trajectory": [], "first_outputs": None, "last_responses": []}
-    folder = find_checkpoint(out) if cfg.resume else None
-    if folder is None:
-        if cfg.resume:
-            print(f"--resume: no checkpoint in {out}; starting from the beginning")
-        for stale in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "reward_model", "reward_model.tmp", "final"):  # an older run's
-            shutil.rmtree(out / stale, ignore_errors=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        policy, tokenizer = C.load_model_and_tokenizer(cfg.model, cfg.trust_remote_code, cfg.seed)
-    else:
-        state = load_checkpoint(folder, cfg)
-        policy, tokenizer = C.load_model_and_tokenizer(str(folder), cfg.trust_remote_code)
+    policy, tokenizer = loaded or start_policy(cfg, checkpoint)
+    state = {"next_stage": 0, "importance": {"sft": None, "pref": None}, "trajectory": [], "first_outputs": None,
+             "last_responses": [], "score_name": ""}
+    if checkpoint:
+        state = {k: checkpoint[k] for k in state}
         print(f"resuming {out} after stage {state['next_stage']} of {2 * cfg.rounds}")
-    log = C.jsonl_logger(out / "metrics.jsonl")
+    elif cfg.resume:
+        print(f"--resume: no checkpoint in {out}; starting from the beginning")
+    log = C.open_log(out, checkpoint["metrics_lines"] if checkpoint else 0)
     policy.to(device)
     sft_shards, pref_shards = shards(data["sft"], cfg.rounds), shards(data["pref"], cfg.rounds)
     reward_model = None
     if cfg.pref == "ppo" and state["next_stage"] > 0:  # resumed after the reward model was trained
-        reward_model = C.load_reward_model(str(out / "reward_model"), tokenizer, cfg.trust_remote_code).to(device).requires_grad_(False)
-    if folder is not None:  # last, after every model is loaded: the rest of the run draws what it would have
-        restore_rng(state["rng"])
+        reward_model = C.load_reward_model(str(out / "reward_model"), tokenizer, cfg.trust_remote_code, flag="")
+        reward_model.to(device).requires_grad_(False)
+    if checkpoint:  # last, after every model is loaded: the rest of the run draws what it would have
+        C.restore_rng(checkpoint["rng"])
 
     stages = stage_list(cfg.rounds)
     for index in range(state["next_stage"], len(stages)):
@@ -284,8 +229,8 @@ def run(cfg: Config, data: dict, out: Path, judge=None, against: dict | None = N
         state["last_responses"], state["score_name"] = outputs["responses"][:5], score_name
         log({"stage": f"eval {name}", **metrics})
         print(f"[{out.name}] {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f"; ewc: {regulariser}")
-        state["next_stage"], state["rng"] = index + 1, rng_state()
-        save_checkpoint(policy, tokenizer, state, out)
+        state["next_stage"] = index + 1
+        C.save_checkpoint(out, cfg, state, policy, tokenizer)
 
     C.save_model(policy, tokenizer, out / "final")
     return {"model": policy, "tokenizer": tokenizer, "trajectory": state["trajectory"], "score_name": state["score_name"],
@@ -299,28 +244,35 @@ def run(cfg: Config, data: dict, out: Path, judge=None, against: dict | None = N
 
 
 def main(cfg: Config) -> dict:
+    # ---------------------------------------------------------------- set-up: every check before any file is written
     check(cfg)
     out = Path(cfg.output_dir)
-    tokenizer = C.load_tokenizer(cfg.model, cfg.trust_remote_code)
+    # the two-stage baseline is HBAT with one round and no regulariser (tests/test_hbat.py); each run has its checkpoint
+    runs = ([(dataclasses.replace(cfg, rounds=1, ewc="none"), out / "two_stage")] if cfg.compare else []) + [(cfg, out)]
+    states = [C.load_checkpoint(folder, run_cfg) if cfg.resume else None for run_cfg, folder in runs]
+    first = start_policy(runs[0][0], states[0])  # the first run's model: a bad --model fails before any file is touched
+    tokenizer = first[1]
     data = C.load_data(cfg, tokenizer)  # raises on bad rows before anything is trained or written
     if cfg.rounds > min(len(data["sft"]), len(data["pref"])):
-        raise SystemExit(f"bad settings: --rounds {cfg.rounds} leaves an empty shard ({len(data['sft'])} SFT rows, "
-                         f"{len(data['pref'])} preference pairs)")
+        raise C.ConfigError(f"--rounds {cfg.rounds} leaves an empty shard ({len(data['sft'])} SFT rows, "
+                            f"{len(data['pref'])} preference pairs)")
     judge = C.load_reward_model(cfg.reward_model, tokenizer, cfg.trust_remote_code) if cfg.reward_model else None
     if judge is not None:
         judge.to(C.pick_device(cfg.device))
+    C.start_output(cfg, fresh=not any(states))
     print(f"{len(data['sft'])} SFT rows and {len(data['pref'])} preference pairs in {cfg.rounds} shards each, "
           f"{len(data['test'])} test prompts; HBAT with {cfg.pref}, --ewc {cfg.ewc}")
 
     columns, baseline = {}, None
-    if cfg.compare:  # the two-stage baseline is HBAT with one round and no regulariser (tests/test_hbat.py)
-        baseline_cfg = dataclasses.replace(cfg, rounds=1, ewc="none")
-        baseline = run(baseline_cfg, data, out / "two_stage", judge)
+    if cfg.compare:
+        baseline = run(runs[0][0], data, runs[0][1], states[0], judge, loaded=first)
         columns["two-stage sft"] = baseline["trajectory"][0]
         columns[f"two-stage {cfg.pref}"] = baseline["trajectory"][-1]
-    hbat = run(cfg, data, out, judge, *((baseline["first_outputs"], "the two-stage SFT model") if baseline else ()))
+    hbat = run(cfg, data, out, states[-1], judge, *((baseline["first_outputs"], "the two-stage SFT model") if baseline else ()),
+               loaded=None if baseline else first)
     columns[f"hbat {cfg.pref}"] = hbat["trajectory"][-1]
 
+    # ---------------------------------------------------------------- report
     print(f"\nHBAT trajectory (win_rate against {hbat['win_rate_against']}; ewc: the stage's regulariser: for "
           f"hbat/random the most-weighted tensor and its weight)")
     print(format_trajectory(hbat["trajectory"]))
@@ -329,13 +281,13 @@ def main(cfg: Config) -> dict:
         print("\n" + C.format_table(metric_columns))
     print(f"rougeL: F1 against the reference (instruction following); reward: {hbat['score_name']}; "
           f"length: response tokens")
-    results = {"config": dataclasses.asdict(cfg), "reward_metric": hbat["score_name"],
+    results = {"config": dataclasses.asdict(cfg), "reward_metric": hbat["score_name"], "data": data["counts"],
                "win_rate_against": hbat["win_rate_against"], **metric_columns, "trajectory": hbat["trajectory"],
                "examples": [{"prompt": t["prompt"], "reference": t["reference"], "hbat": r}
                             for t, r in zip(data["test"], hbat["responses"])]}
     if baseline:
         results["two_stage_trajectory"] = baseline["trajectory"]
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    C.write_json(out / "results.json", results)
     print(f"\nsaved {out / 'final'}, {out / 'results.json'}, {out / 'metrics.jsonl'}")
     return results
 
@@ -350,4 +302,4 @@ def format_trajectory(trajectory: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    main(C.parse_config(Config))
+    C.cli(main, Config)

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,27 +51,19 @@ class Config(C.TrainConfig):
     keep_identical: bool = False  # keep pairs whose sample equals the gold response (zero gradient; they only dilute the batch mean)
     sft_first: bool = False  # real data: run SFT on --sft_data first (default: --model is already SFT'd); the built-in task always does
     compare: bool = False  # also run the uniform-weight ablation (SPIN) from the same SFT model with the same seeds
-    output_dir: str = "runs/ld_align"  # models (sft/, final/, final_spin/), metrics.jsonl, results.json
+    output_dir: str = "runs/ld_align"  # models (sft/, final/, final_spin/), checkpoint/, metrics.jsonl, results.json
+    RANGES = {"iterations": "[1, inf)", "w_max": "(0, inf)", "latent_dim": "[1, inf)", "guide_dim": "[1, inf)",
+              "guide_layers": "[1, inf)", "guide_heads": "[1, inf)", "guide_epochs": "[1, inf)", "guide_lr": "(0, inf)"}
+    CHOICES = {"weighting": ("latent", "uniform")}
 
 
 def check_ld_config(cfg: Config) -> None:
-    C.check_config(cfg, need_pref=False)
     problems = []
-    if cfg.weighting not in ("latent", "uniform"):
-        problems.append(f"--weighting must be latent or uniform, got {cfg.weighting!r}")
     if cfg.compare and cfg.weighting != "latent":
         problems.append("--compare runs the uniform ablation beside --weighting latent; drop one of them")
-    if not cfg.w_max > 0:
-        problems.append(f"--w_max must be positive, got {cfg.w_max}")
-    if not (math.isfinite(cfg.guide_lr) and cfg.guide_lr > 0):
-        problems.append(f"--guide_lr must be a positive finite number, got {cfg.guide_lr}")
-    for name in ("iterations", "latent_dim", "guide_dim", "guide_layers", "guide_heads", "guide_epochs"):
-        if getattr(cfg, name) < 1:
-            problems.append(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.guide_heads >= 1 and cfg.guide_dim % cfg.guide_heads:
         problems.append(f"--guide_dim {cfg.guide_dim} must be a multiple of --guide_heads {cfg.guide_heads}")
-    if problems:
-        raise SystemExit("bad settings:\n  " + "\n  ".join(problems))
+    C.check_config(cfg, need_pref=False, problems=problems)
 
 
 # ============================================================================================
@@ -140,7 +130,7 @@ def train_guide(guide: GuideModel, optimizer, seqs: list[dict], cfg, *, pad_id: 
             loss = guide.reconstruction_loss(batch)
             C.check_finite({"loss/guide": loss.item()}, f"{desc}, epoch {epoch + 1}, step {len(losses) + 1}")
             loss.backward()
-            C.optimizer_step(list(guide.parameters()), optimizer, cfg.max_grad_norm)
+            C.optimizer_step(list(guide.parameters()), optimizer, cfg.max_grad_norm, f"{desc}, epoch {epoch + 1}")
             losses.append(loss.item())
         if log is not None:
             log({"stage": desc, "epoch": epoch + 1, "loss/guide": sum(losses) / len(losses)})
@@ -204,15 +194,22 @@ def self_play_pairs(policy, examples: list[dict], cfg, *, tokenizer, seed: int, 
 # ============================================================================================
 
 
-def self_play(name: str, weighting: str, policy, tokenizer, data: dict, cfg, *, device, dtype, score_fn, sft_outputs, log):
-    """Runs T iterations on `policy` in place. Returns (trajectory rows, last metrics, last eval outputs)."""
-    pad_id, trajectory = tokenizer.pad_token_id, []
+def self_play(name: str, weighting: str, policy, tokenizer, data: dict, cfg, *, state: dict, checkpoint: dict | None,
+              out: Path, device, dtype, score_fn, log) -> None:
+    """Runs the arm's iterations on `policy` in place, from where `checkpoint` left off (or from t = 1).
+    Each iteration appends its row to state["trajectory"], records the arm's latest metrics and
+    examples, and saves a checkpoint (the policy, and the guide with its optimizer)."""
+    pad_id = tokenizer.pad_token_id
+    guide = guide_optimizer = None
     if weighting == "latent":  # the guide is seeded alike in every run and keeps training across iterations
         torch.manual_seed(cfg.seed)
         vocab_size = max(len(tokenizer), policy.config.vocab_size)  # the policy may sample ids of a padded vocabulary
         guide = GuideModel(vocab_size, cfg.max_length, cfg.guide_dim, cfg.latent_dim, cfg.guide_layers, cfg.guide_heads).to(device)
         guide_optimizer = torch.optim.AdamW(guide.parameters(), lr=cfg.guide_lr, weight_decay=0.0)
-    for t in range(1, cfg.iterations + 1):
+        if checkpoint:
+            guide.load_state_dict(checkpoint["extra"]["guide"])
+            guide_optimizer.load_state_dict(checkpoint["extra"]["guide_optimizer"])
+    for t in range(checkpoint["iteration"] + 1 if checkpoint else 1, cfg.iterations + 1):
         # ------------------------------------------------ self-play pairs from pi_{t-1}, which is also the reference
         reference = copy.deepcopy(policy).requires_grad_(False).eval()
         pairs = self_play_pairs(policy, data["sft"], cfg, tokenizer=tokenizer, seed=cfg.seed + t, device=device,
@@ -239,12 +236,21 @@ def self_play(name: str, weighting: str, policy, tokenizer, data: dict, cfg, *, 
             print(f"[{name} {t}/{cfg.iterations}] every sample equals its gold response: no pair to train on")
         del reference
         metrics, outputs = C.evaluate(policy, tokenizer, data["test"], cfg, device=device, dtype=dtype, score_fn=score_fn,
-                                      against=sft_outputs, desc=f"eval {name} {t}")
+                                      against=state["sft_outputs"], desc=f"eval {name} {t}")
         row = {"arm": name, "iteration": t, **metrics, **stats}
         log({"stage": f"iteration {name}", **row})
-        trajectory.append(row)
         print(f"[{name} {t}/{cfg.iterations}] " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)))
-    return trajectory, metrics, outputs
+        state["trajectory"].append(row)
+        state["finals"][name], state["examples"][name], state["iteration"] = metrics, outputs["responses"][:5], t
+        extra = {"guide": guide.state_dict(), "guide_optimizer": guide_optimizer.state_dict()} if guide else None
+        C.save_checkpoint(out, cfg, state, policy, tokenizer, extra)
+
+
+def resume_point(state: dict, arms: list) -> str:
+    """Where a checkpoint stands, in words: after SFT, after an iteration of an arm, or after a whole arm."""
+    if state["iteration"]:
+        return f"iteration {state['iteration']} of {arms[state['arm']][0]}"
+    return "SFT" if state["arm"] == 0 else arms[state["arm"] - 1][0]
 
 
 # ============================================================================================
@@ -253,63 +259,82 @@ def self_play(name: str, weighting: str, policy, tokenizer, data: dict, cfg, *, 
 
 
 def main(cfg: Config) -> dict:
-    # ---------------------------------------------------------------- set-up: everything is checked first
+    # ---------------------------------------------------------------- set-up: every check before any file is written
     check_ld_config(cfg)
     device, out = C.pick_device(cfg.device), Path(cfg.output_dir)
     dtype = C.pick_dtype(cfg.dtype, device)
+    checkpoint = C.load_checkpoint(out, cfg) if cfg.resume else None  # after SFT, or after an arm's iteration
+    run_sft = not cfg.sft_data or cfg.sft_first  # the built-in task always starts with SFT
     C.seed_everything(cfg.seed)
-    policy, tokenizer = C.load_model_and_tokenizer(cfg.model, cfg.trust_remote_code, cfg.seed)
+    start_from = str(out / "sft") if checkpoint and run_sft else cfg.model
+    policy, tokenizer = C.load_model_and_tokenizer(start_from, cfg.trust_remote_code, cfg.seed)
     data = C.load_data(cfg, tokenizer, need_pref=False)  # raises on bad rows before anything is trained or written
     judge = C.load_reward_model(cfg.reward_model, tokenizer, cfg.trust_remote_code).to(device) if cfg.reward_model else None
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    log = C.jsonl_logger(out / "metrics.jsonl")
+    resumed_policy = None  # the policy of an arm stopped mid-way
+    if checkpoint and checkpoint["iteration"] > 0:
+        resumed_policy = C.load_model_and_tokenizer(str(checkpoint["folder"]), cfg.trust_remote_code)[0].to(device)
+    C.start_output(cfg, fresh=checkpoint is None)
+    log = C.open_log(out, checkpoint["metrics_lines"] if checkpoint else 0)
     policy.to(device)
     print(f"{len(data['sft'])} SFT rows, {len(data['test'])} test prompts; model {cfg.model} "
           f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters) on {device}, {dtype}")
+    if checkpoint:
+        C.restore_rng(checkpoint["rng"])  # after loading every model
+    score_fn, score_name = C.preference_scorer(data["builtin"], judge, judge is not None, tokenizer, cfg, device, dtype)
+    arms = [("ld_align" if cfg.weighting == "latent" else "spin", cfg.weighting)] + ([("spin", "uniform")] if cfg.compare else [])
 
     # ---------------------------------------------------------------- the starting model: SFT (built-in task) or --model
-    saved = []
-    if data["builtin"] or cfg.sft_first:
-        C.train_sft(policy, data["sft"], cfg, device=device, dtype=dtype, seed=cfg.seed, desc="sft", log=log)
-        saved.append(out / "sft")
-        C.save_model(policy, tokenizer, saved[-1])
-    score_fn, score_name = C.preference_scorer(data["builtin"], judge, judge is not None, tokenizer, cfg, device, dtype)
-    sft_metrics, sft_outputs = C.evaluate(policy, tokenizer, data["test"], cfg, device=device, dtype=dtype,
-                                          score_fn=score_fn, desc="eval sft")
-    log({"stage": "eval sft", **sft_metrics})
+    if checkpoint is None:
+        if cfg.resume:
+            print(f"--resume: no checkpoint in {out}; starting from the beginning")
+        if run_sft:
+            C.train_sft(policy, data["sft"], cfg, device=device, dtype=dtype, seed=cfg.seed, desc="sft", log=log)
+            C.save_model(policy, tokenizer, out / "sft")
+        sft_metrics, sft_outputs = C.evaluate(policy, tokenizer, data["test"], cfg, device=device, dtype=dtype,
+                                              score_fn=score_fn, desc="eval sft")
+        log({"stage": "eval sft", **sft_metrics})
+        state = {"arm": 0, "iteration": 0, "sft_outputs": sft_outputs, "trajectory": [{"arm": "sft", "iteration": 0, **sft_metrics}],
+                 "finals": {"sft": sft_metrics}, "examples": {"sft": sft_outputs["responses"][:5]}}
+        C.save_checkpoint(out, cfg, state)
+    else:
+        state = {k: checkpoint[k] for k in ("arm", "iteration", "sft_outputs", "trajectory", "finals", "examples")}
+        print(f"--resume: continuing {out} after {resume_point(state, arms)}")
 
     # ---------------------------------------------------------------- self-play: LD-Align (and SPIN with --compare)
-    arms = [("ld_align" if cfg.weighting == "latent" else "spin", cfg.weighting)] + ([("spin", "uniform")] if cfg.compare else [])
-    trajectory = [{"arm": "sft", "iteration": 0, **sft_metrics}]
-    finals, responses = {"sft": sft_metrics}, {"sft": sft_outputs["responses"]}
-    for i, (name, weighting) in enumerate(arms):
-        arm_policy = copy.deepcopy(policy) if i < len(arms) - 1 else policy  # every arm starts from the same weights
-        rows, finals[name], arm_outputs = self_play(name, weighting, arm_policy, tokenizer, data, cfg, device=device, dtype=dtype,
-                                                    score_fn=score_fn, sft_outputs=sft_outputs, log=log)
-        trajectory += rows
-        responses[name] = arm_outputs["responses"]
-        saved.append(out / ("final" if i == 0 else f"final_{name}"))
-        C.save_model(arm_policy, tokenizer, saved[-1])
+    final_dirs = [out / ("final" if i == 0 else f"final_{name}") for i, (name, _) in enumerate(arms)]
+    for i, (name, weighting) in enumerate(arms[state["arm"]:], start=state["arm"]):
+        resumed = checkpoint if resumed_policy is not None and i == checkpoint["arm"] else None
+        if resumed:
+            arm_policy = resumed_policy
+        else:  # every arm starts from the same weights (the last one may take the starting model itself)
+            arm_policy = copy.deepcopy(policy) if i < len(arms) - 1 else policy
+        self_play(name, weighting, arm_policy, tokenizer, data, cfg, state=state, checkpoint=resumed, out=out,
+                  device=device, dtype=dtype, score_fn=score_fn, log=log)
+        C.save_model(arm_policy, tokenizer, final_dirs[i])
+        state["arm"], state["iteration"] = i + 1, 0
+        C.save_checkpoint(out, cfg, state)
 
     # ---------------------------------------------------------------- report: final models and the trajectory
-    results = {"config": dataclasses.asdict(cfg), "reward_metric": score_name, **finals, "trajectory": trajectory,
-               "examples": [{"prompt": t["prompt"], "reference": t["reference"], **{k: v[j] for k, v in responses.items()}}
+    trajectory = state["trajectory"]
+    results = {"config": dataclasses.asdict(cfg), "reward_metric": score_name, "data": data["counts"], **state["finals"],
+               "trajectory": trajectory,
+               "examples": [{"prompt": t["prompt"], "reference": t["reference"], **{k: v[j] for k, v in state["examples"].items()}}
                             for j, t in enumerate(data["test"][:5])]}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    C.write_json(out / "results.json", results)
     by_iteration = sorted(trajectory[1:], key=lambda r: r["iteration"])  # arms side by side, iteration by iteration
-    columns = {"sft": sft_metrics} | {f"{r['arm']} {r['iteration']}": {k: v for k, v in r.items() if k not in ("arm", "iteration")}
-                                      for r in by_iteration}
+    columns = {"sft": state["finals"]["sft"]} | {f"{r['arm']} {r['iteration']}": {k: v for k, v in r.items() if k not in ("arm", "iteration")}
+                                                for r in by_iteration}
     print("\n" + C.format_table(columns))
     print(f"rougeL: F1 against the reference (instruction following); reward: {score_name}; win_rate: against the "
           f"SFT model's response, by reward (ties 1/2); length: response tokens; identical: samples equal to the gold "
           f"response; d_*: latent distances; clipped: weights cut at --w_max; guide_loss: reconstruction loss")
     print(f"\nexample prompt: {results['examples'][0]['prompt']}")
-    for key in ("reference", *responses):
+    for key in ("reference", *state["examples"]):
         print(f"  {key + ':':11}{results['examples'][0][key]}")
+    saved = ([out / "sft"] if run_sft else []) + final_dirs
     print(f"\nsaved {', '.join(map(str, saved))}, {out / 'results.json'}")
     return results
 
 
 if __name__ == "__main__":
-    main(C.parse_config(Config))
+    C.cli(main, Config)

@@ -27,7 +27,7 @@ def main() -> None:
     runs = []
     for seed in known.seeds:
         out = REPO / "runs" / "seeds" / tag / f"seed{seed}"
-        command = [sys.executable, str(REPO / known.script), *script_args, "--seed", str(seed), "--output_dir", str(out)]
+        command = [sys.executable, str(REPO / known.script), *script_args, "--seed", str(seed), "--output_dir", str(out), "--overwrite"]
         print("$", " ".join(command[1:]), flush=True)
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL, cwd=REPO)
         runs.append(json.loads((out / "results.json").read_text()))

@@ -73,8 +73,8 @@ PREF_ROWS = [
 
 def test_tokenize_sft_labels_prompt_ignored_response_and_eos_labelled(tiny):
     _, tok = tiny
-    examples, skipped = common.tokenize_sft([{"prompt": PROMPT, "completion": RESPONSE}], tok, 64, 48)
-    assert skipped == 0 and len(examples) == 1
+    examples, counts = common.tokenize_sft([{"prompt": PROMPT, "completion": RESPONSE}], tok, 64, 48)
+    assert counts["skipped"] == 0 and len(examples) == 1
     p, r = ids_of(tok, PROMPT), ids_of(tok, RESPONSE)
     assert tok.unk_token_id not in p + r
     e = examples[0]
@@ -86,8 +86,8 @@ def test_tokenize_sft_labels_prompt_ignored_response_and_eos_labelled(tiny):
 def test_tokenize_pref_shares_prompt_and_labels_both_responses(tiny):
     _, tok = tiny
     row = {"prompt": PROMPT, "chosen": "alice found car and bob sold lamp", "rejected": "the weather was calm ."}
-    examples, skipped = common.tokenize_pref([row], tok, 64, 48)
-    assert skipped == 0
+    examples, counts = common.tokenize_pref([row], tok, 64, 48)
+    assert (counts["prompt_cut"], counts["response_cut"], counts["skipped"]) == (0, 0, 0)
     e = examples[0]
     p = ids_of(tok, PROMPT)
     assert e["prompt_ids"] == p and e["prompt"] == PROMPT
@@ -218,20 +218,49 @@ def test_tokenize_counts_skipped_rows(tiny):
     _, tok = tiny
     long_prompt = "summarize : " + " ".join(["the weather was calm ."] * 6) + " :"
     rows = [SFT_ROWS[0], {"prompt": long_prompt, "completion": "alice found car"}, SFT_ROWS[1]]
-    # max_prompt_length == max_length: a prompt that long leaves no room for any response token
-    examples, skipped = common.tokenize_sft(rows, tok, 20, 20)
-    assert skipped == 1
+    # max_prompt_length == max_length (check_config refuses it; truncate still guards): no room for a response
+    examples, counts = common.tokenize_sft(rows, tok, 20, 20)
+    assert counts == {"rows": 3, "prompt_cut": 0, "response_cut": 0, "skipped": 1}
     assert [e["prompt"] for e in examples] == [SFT_ROWS[0]["prompt"], SFT_ROWS[1]["prompt"]]
     pref_rows = [PREF_ROWS[0], {"prompt": long_prompt, "chosen": "a", "rejected": "bob"}]
-    examples, skipped = common.tokenize_pref(pref_rows, tok, 20, 20)
-    assert skipped == 1 and len(examples) == 1
+    examples, counts = common.tokenize_pref(pref_rows, tok, 20, 20)
+    assert counts["skipped"] == 1 and len(examples) == 1
+
+
+def test_tokenize_counts_cut_prompts_and_responses_by_hand(tiny):
+    """max_length 14, max_prompt_length 8. Word counts: prompt + response (+ EOS)."""
+    _, tok = tiny
+    rows = [{"prompt": "summarize : alice found the car in the park . :", "completion": "alice found car"},  # 11 + 4: prompt cut to 10
+            {"prompt": "summarize : bob sold it . :", "completion": "bob sold lamp ; carol fixed door ; dave lost book"},  # 7 + 12: response cut to 7
+            {"prompt": "summarize : a . :", "completion": "alice found car"}]  # 5 + 4: fits
+    examples, counts = common.tokenize_sft(rows, tok, 14, 8)
+    assert counts == {"rows": 3, "prompt_cut": 1, "response_cut": 1, "skipped": 0}
+    assert [len(e["input_ids"]) for e in examples] == [14, 14, 9]
+    assert examples[1]["input_ids"][-1] != tok.eos_token_id  # the cut response lost its EOS
+    pref = [{"prompt": rows[1]["prompt"], "chosen": "bob sold lamp", "rejected": rows[1]["completion"]}]  # only rejected is cut
+    assert common.tokenize_pref(pref, tok, 14, 8)[1] == {"rows": 1, "prompt_cut": 0, "response_cut": 1, "skipped": 0}
+
+
+def test_load_data_reports_truncation_per_data_set(tiny, tmp_path, capsys):
+    _, tok = tiny
+    sft = write(tmp_path / "sft.jsonl", SFT_ROWS)
+    pref = write(tmp_path / "pref.jsonl", PREF_ROWS)
+    data = common.load_data(make_cfg(sft_data=str(sft), pref_data=str(pref), max_length=14, max_prompt_length=8,
+                                     max_new_tokens=4), tok)
+    out = capsys.readouterr().out
+    # SFT rows 1-3 train (2 held out), prompt + response words (+ EOS): 11 + 4, 15 + 4 and 11 + 8 all exceed 14, so
+    # every prompt is cut (down to 10, 10 and the floor of 8); row 3's response then keeps 14 - 8 = 6 of its 8 tokens
+    assert data["counts"]["sft"] == {"rows": 3, "prompt_cut": 3, "response_cut": 1, "skipped": 0}
+    assert f"{sft} (SFT rows): of 3 rows, 3 prompts cut from the left; 1 responses cut from the right" in out
+    assert f"{pref} (preference rows): of 3 rows" in out
+    assert data["counts"]["test"]["prompt_cut"] == 2  # both held-out prompts exceed max(14 - 4, 8) = 10 words
 
 
 def test_tokenize_truncates_long_prompt_from_the_left(tiny):
     _, tok = tiny
     row = {"prompt": "summarize : the weather was calm . alice found the car in the park . :", "completion": "alice found car"}
-    examples, skipped = common.tokenize_sft([row], tok, 12, 8)
-    assert skipped == 0
+    examples, counts = common.tokenize_sft([row], tok, 12, 8)
+    assert counts == {"rows": 1, "prompt_cut": 1, "response_cut": 0, "skipped": 0}
     e = examples[0]
     prompt_ids = ids_of(tok, row["prompt"])
     response_ids = ids_of(tok, "alice found car") + [tok.eos_token_id]
@@ -377,8 +406,8 @@ def test_chat_messages_rows_use_the_chat_template(tiny):
     tok.chat_template = TEMPLATE
     expected_prompt = "user : summarize : alice found the car in the park . ; assistant : "
     assert common.sft_texts({"messages": CHAT}, tok, "x") == (expected_prompt, "alice found car")
-    examples, skipped = common.tokenize_sft([{"messages": CHAT}], tok, 64, 48, source="chat.jsonl")
-    assert skipped == 0
+    examples, counts = common.tokenize_sft([{"messages": CHAT}], tok, 64, 48, source="chat.jsonl")
+    assert (counts["prompt_cut"], counts["response_cut"], counts["skipped"]) == (0, 0, 0)
     p = tok(expected_prompt, add_special_tokens=False).input_ids
     r = ids_of(tok, "alice found car") + [tok.eos_token_id]
     assert examples[0]["input_ids"] == p + r
@@ -419,8 +448,8 @@ def test_implicit_prompt_preference_rows_are_split(tiny):
     expected_prompt = ("user : summarize : bob sold the lamp in the market . ; assistant : bob sold lamp ; "
                        "user : summarize : alice found the car in the park . ; assistant : ")
     assert common.pref_texts(row, tok, "x") == (expected_prompt, "alice found car", "the weather was calm .")
-    examples, skipped = common.tokenize_pref([row], tok, 64, 48, source="pref.jsonl")
-    assert skipped == 0
+    examples, counts = common.tokenize_pref([row], tok, 64, 48, source="pref.jsonl")
+    assert (counts["prompt_cut"], counts["response_cut"], counts["skipped"]) == (0, 0, 0)
     e = examples[0]
     p = tok(expected_prompt, add_special_tokens=False).input_ids
     assert e["prompt_ids"] == p

@@ -23,8 +23,8 @@ def small_model_and_examples():
     model = AutoModelForCausalLM.from_config(config).float()
     C.disable_dropout(model)
     rows = C.builtin_task(seed=0, n_sft=30, n_pref=2, n_test=2)["sft"]
-    examples, skipped = C.tokenize_sft(rows, tokenizer, max_length=512, max_prompt_length=256)
-    assert skipped == 0
+    examples, counts = C.tokenize_sft(rows, tokenizer, max_length=512, max_prompt_length=256)
+    assert (counts["prompt_cut"], counts["response_cut"], counts["skipped"]) == (0, 0, 0)
     # four examples of different lengths (so a padded batch would differ from one-at-a-time)
     picked = []
     for e in examples:

@@ -2,9 +2,6 @@
 K = 1 equivalence to two_stage_baseline.py, the ablations, resume, and smoke runs."""
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -306,7 +303,7 @@ def test_resume_after_a_stop_between_stages_gives_the_same_weights(tmp_path, mon
     assert json.loads(whole)["importance"] == json.loads(resumed)["importance"]
     assert [row["stage"] for row in results["trajectory"]] == ["round 1 sft", f"round 1 {pref}", "round 2 sft", f"round 2 {pref}"]
 
-    with pytest.raises(SystemExit, match="different settings: --beta 0.1 \\(now 0.2\\)"):
+    with pytest.raises(C.ConfigError, match="other settings: --beta 0.1 \\(now 0.2\\)"):
         hbat.main(config(tmp_path, pref=pref, rounds=2, output_dir=str(tmp_path / "stopped"), resume=True, beta=0.2, **smooth))
 
 
@@ -319,7 +316,7 @@ def test_resume_without_a_checkpoint_starts_from_the_beginning(tmp_path, capsys)
 @pytest.mark.parametrize("flag, value, message", [("ewc", "l2", "--ewc must be"), ("rounds", 0, "--rounds must be"),
                                                    ("rounds", 40, "leaves an empty shard"), ("fisher_samples", 0, "--fisher_samples")])
 def test_bad_settings_are_rejected_before_anything_is_written(tmp_path, flag, value, message):
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(C.ConfigError, match=message):
         hbat.main(config(tmp_path, **{flag: value}))
     assert not (tmp_path / "run").exists()
 
@@ -327,18 +324,29 @@ def test_bad_settings_are_rejected_before_anything_is_written(tmp_path, flag, va
 # ------------------------------------------------------------------------------- smoke
 
 
-@pytest.mark.parametrize("args", [["--pref", "dpo", "--compare"], ["--pref", "ppo", "--ewc", "fisher"]], ids=["dpo-compare", "ppo-fisher"])
-def test_smoke_hbat_end_to_end(tmp_path, args):
-    out = tmp_path / "run"
-    flags = [x for k, v in TINY.items() for x in (f"--{k}", str(v))]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, str(REPO / "hbat.py"), *flags, "--rounds", "2", *args, "--output_dir", str(out)],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+SMOKE = {"dpo-compare": ["--pref", "dpo", "--compare"], "ppo-fisher": ["--pref", "ppo", "--ewc", "fisher"]}
+
+
+def smoke_args(case: str) -> list[str]:
+    return [x for k, v in TINY.items() for x in (f"--{k}", str(v))] + ["--rounds", "2", *SMOKE[case]]
+
+
+@pytest.mark.parametrize("case", SMOKE)
+def test_smoke_hbat_end_to_end(script_run, case):
+    proc, out = script_run("hbat.py", *smoke_args(case))
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
     results = json.loads((out / "results.json").read_text())
-    pref = args[1]
+    pref = SMOKE[case][1]
     assert len(results["trajectory"]) == 4 and f"hbat {pref}" in results
-    assert ("two-stage dpo" in results) == ("--compare" in args)
+    assert ("two-stage dpo" in results) == ("--compare" in SMOKE[case])
     assert "HBAT trajectory" in proc.stdout
     model, _ = C.load_model_and_tokenizer(str(out / "final"))
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_point_then_resume_ends_as_an_uninterrupted_run(script_run, kill_and_resume):
+    """--compare: two runs, each with its own checkpoint, in one folder."""
+    proc, whole = script_run("hbat.py", *smoke_args("dpo-compare"))
+    assert proc.returncode == 0
+    kill_and_resume("hbat.py", smoke_args("dpo-compare"), whole)

@@ -3,10 +3,7 @@ chain across iterations, the real-data path (SFT data only), and smoke runs end 
 import copy
 import json
 import math
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -293,6 +290,33 @@ def test_same_seed_gives_identical_runs(tmp_path):
                 AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "final").state_dict())
 
 
+def test_resume_inside_the_latent_arm_restores_policy_guide_and_optimizer(tmp_path, monkeypatch):
+    """Stopped during iteration 3's guide training (the guide and its AdamW have two iterations of
+    state by then), resumed: the same final weights, guide and trajectory as an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    whole = L.main(tiny_config(tmp_path / "whole", iterations=3))
+    real_train_guide, n_calls = L.train_guide, []
+
+    def stop_in_iteration_three(*args, **kwargs):
+        n_calls.append(1)
+        if len(n_calls) == 3:
+            raise KeyboardInterrupt
+        return real_train_guide(*args, **kwargs)
+
+    monkeypatch.setattr(L, "train_guide", stop_in_iteration_three)
+    with pytest.raises(KeyboardInterrupt):
+        L.main(tiny_config(tmp_path / "stopped", iterations=3))
+    monkeypatch.setattr(L, "train_guide", real_train_guide)
+    resumed = L.main(tiny_config(tmp_path / "stopped", iterations=3, resume=True))
+    assert resumed["trajectory"] == whole["trajectory"] and resumed["examples"] == whole["examples"]
+    a, b = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("whole", "stopped"))
+    assert same(a, b)
+    # iteration 3's guide_loss and distances (in the trajectory) come from the restored guide and optimizer
+    assert resumed["trajectory"][3]["iteration"] == 3 and "guide_loss" in resumed["trajectory"][3]
+    assert (tmp_path / "stopped" / "metrics.jsonl").read_text() == (tmp_path / "whole" / "metrics.jsonl").read_text()
+
+
 # ============================================================================================
 # 5. settings and data: SFT data only, checked before anything is written
 # ============================================================================================
@@ -308,7 +332,7 @@ def test_load_data_without_preference_data(tiny):
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(pref_data="pref.jsonl"), "--pref_data is not used"),
-    (dict(weighting="cosine"), "--weighting must be latent or uniform"),
+    (dict(weighting="cosine"), "--weighting must be one of latent, uniform"),
     (dict(weighting="uniform", compare=True), "--compare"),
     (dict(w_max=0.0), "--w_max"),
     (dict(guide_dim=30, guide_heads=4), "multiple of --guide_heads"),
@@ -316,7 +340,7 @@ def test_load_data_without_preference_data(tiny):
 ])
 def test_bad_settings_are_refused_before_anything_is_written(tmp_path, overrides, message):
     out = tmp_path / "never_created"
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(C.ConfigError, match=message):
         L.main(tiny_config(out, **overrides))
     assert not out.exists()
 
@@ -366,19 +390,18 @@ def test_smoke_ld_align_chat_data_gpt2_pad_is_eos_with_sft_first(real_like):
 # ============================================================================================
 
 
-def test_smoke_ld_align_end_to_end_with_compare(tmp_path):
+SMOKE_ARGS = ["--n_sft", "64", "--eval_size", "8", "--sft_epochs", "1", "--batch_size", "16", "--max_new_tokens", "12",
+              "--iterations", "2", "--guide_dim", "32", "--latent_dim", "16", "--compare"]
+
+
+def test_smoke_ld_align_end_to_end_with_compare(script_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = tmp_path / "run"
-    args = ["--n_sft", "64", "--eval_size", "8", "--sft_epochs", "1", "--batch_size", "16", "--max_new_tokens", "12",
-            "--iterations", "2", "--guide_dim", "32", "--latent_dim", "16", "--compare", "--output_dir", str(out)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, str(REPO / "ld_align.py"), *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc, out = script_run("ld_align.py", *SMOKE_ARGS)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
 
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"config", "reward_metric", "sft", "ld_align", "spin", "trajectory", "examples"}
+    assert set(results) == {"config", "reward_metric", "data", "sft", "ld_align", "spin", "trajectory", "examples"}
     for name in ("ld_align", "spin"):
         assert set(results[name]) == {"rougeL", "length", "reward", "win_rate"}
         assert all(isinstance(v, float) and math.isfinite(v) for v in results[name].values())
@@ -401,3 +424,11 @@ def test_smoke_ld_align_end_to_end_with_compare(tmp_path):
         assert not same(model.state_dict(), sft)
         with torch.no_grad():
             assert torch.isfinite(model(input_ids=torch.tensor([[3, 4, 5]])).logits).all()
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_point_then_resume_ends_as_an_uninterrupted_run(script_run, kill_and_resume):
+    """Iteration-level checkpoints: the policy, the guide and its optimizer, and the arm in progress."""
+    proc, whole = script_run("ld_align.py", *SMOKE_ARGS)
+    assert proc.returncode == 0
+    kill_and_resume("ld_align.py", SMOKE_ARGS, whole)

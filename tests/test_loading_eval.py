@@ -175,7 +175,7 @@ def test_sequence_scores_read_last_real_token_when_pad_is_eos(tiny_dir):
     eos = tok.eos_token_id
     assert tok.pad_token_id == eos
     torch.manual_seed(0)
-    rm = common.load_reward_model(str(tiny_dir), tok)
+    rm = common.load_reward_model(str(tiny_dir), tok, new_head=True)
     rm.eval()
     seqs = [ids_of(tok, "summarize : alice found the car summary : alice found car") + [eos],
             ids_of(tok, "summarize : bob sold lamp summary : bob") + [eos],
@@ -210,11 +210,11 @@ def test_load_reward_model_refuses_other_vocabulary(tiny_dir, tmp_path):
     assert len(other) == len(tok) and other.get_vocab() != tok.get_vocab()
     path = tmp_path / "other_vocab"
     common.save_model(model, other, path)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(common.ConfigError) as info:
         common.load_reward_model(str(path), tok)
     assert str(path) in str(info.value)
     # the same folder is accepted by a policy that shares its tokenizer
-    assert hasattr(common.load_reward_model(str(path), other), "score")
+    assert hasattr(common.load_reward_model(str(path), other, new_head=True), "score")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -226,7 +226,7 @@ def test_reward_model_scorer_scores_generated_ids(tiny_dir):
     tok = common.build_tiny_tokenizer()
     eos, pad = tok.eos_token_id, tok.pad_token_id
     torch.manual_seed(0)
-    rm = common.load_reward_model(str(tiny_dir), tok)
+    rm = common.load_reward_model(str(tiny_dir), tok, new_head=True)
     prompt_ids = [ids_of(tok, "summarize : alice found the car summary :"),
                   ids_of(tok, "summarize : bob sold the lamp in the market . summary :"),
                   ids_of(tok, "summary :")]

@@ -440,8 +440,8 @@ def _cfg(**overrides):
 
 def _sft_examples(tokenizer, n=16):
     rows = common.builtin_task(seed=3, n_sft=n, n_pref=1, n_test=1)["sft"]
-    examples, skipped = common.tokenize_sft(rows, tokenizer, 128, 100)
-    assert skipped == 0
+    examples, counts = common.tokenize_sft(rows, tokenizer, 128, 100)
+    assert (counts["prompt_cut"], counts["response_cut"], counts["skipped"]) == (0, 0, 0)
     lengths = {sum(l != IGNORE_INDEX for l in e["labels"]) for e in examples}
     assert len(lengths) > 2  # responses of different lengths: token-count normalisation matters
     return examples
@@ -451,8 +451,8 @@ def _pref_examples(tokenizer, n=13, weighted=False):
     """13 pairs in batches of 8: the second step's 5 pairs split into micro-batches of 2, 2 and 1, so a
     mean of micro-batch means would weight the pairs unequally."""
     rows = common.builtin_task(seed=4, n_sft=1, n_pref=n, n_test=1)["pref"]
-    examples, skipped = common.tokenize_pref(rows, tokenizer, 128, 100)
-    assert skipped == 0
+    examples, counts = common.tokenize_pref(rows, tokenizer, 128, 100)
+    assert (counts["prompt_cut"], counts["response_cut"], counts["skipped"]) == (0, 0, 0)
     if weighted:
         for i, e in enumerate(examples):
             e["weight"] = 0.25 + 0.5 * (i % 4)
@@ -479,9 +479,9 @@ def _capture_grads(monkeypatch):
     captured = []
     original = common.optimizer_step
 
-    def spy(params, optimizer, max_grad_norm):
+    def spy(params, optimizer, max_grad_norm, where="step"):
         captured.append(torch.cat([p.grad.detach().flatten() for p in params]).clone())
-        return original(params, optimizer, max_grad_norm)
+        return original(params, optimizer, max_grad_norm, where)
 
     monkeypatch.setattr(common, "optimizer_step", spy)
     return captured
