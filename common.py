@@ -11,6 +11,7 @@ log-probs are float32.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -620,7 +621,11 @@ def collate_pairs(pairs: list[dict], pad_id: int) -> dict:
 
 
 def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
+    """The batch on the device, with "label_positions" (token_logps) computed on the host first."""
+    out = {k: v.to(device) for k, v in batch.items()}
+    if "labels" in batch and batch["labels"].device.type == "cpu":
+        out["label_positions"] = label_positions(batch["labels"]).to(device)
+    return out
 
 
 # ============================================================================================
@@ -633,30 +638,153 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log p(label) in float32 and the mask of labelled tokens. logits[:, t] predicts
-    labels[:, t+1]; IGNORE_INDEX positions get log-prob 0 and mask 0."""
-    logits = logits[:, :-1].float()
-    labels = labels[:, 1:]
+# Only labelled (response) positions go through the output layer: the prompt's positions never
+# reach the vocabulary. LinearLogProbs computes log softmax(h W^T / t)[y] for those rows with a
+# hand-written backward (d log p_y / dz = onehot(y) - softmax(z)), so no [batch, length, vocabulary]
+# tensor, and no float32 copy of one, is ever made. Its results equal the full-logits computation's
+# (tests/test_losses.py, values and gradients, left- and right-padded).
+
+KEEP_LOGITS_BYTES = 1 << 30  # keep exp(logits - max) for the backward while it fits in 1 GiB; else recompute
+CHUNK_BYTES = 1 << 28  # rows of logits made at once: at most 256 MiB of float32
+
+
+def output_head_is_plain(model) -> bool:
+    """True when the model's logits are exactly lm_head(last hidden state), as for Llama, Qwen, GPT-2,
+    SmolLM and most causal LMs; not for models that scale or soft-cap them (Gemma 2, Cohere, Granite)."""
+    config = model.config.get_text_config()
+    scaled = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+    return isinstance(model.get_output_embeddings(), torch.nn.Linear) and all(getattr(config, k, None) is None for k in scaled)
+
+
+def last_hidden_state(model, batch: dict) -> torch.Tensor:
+    """The transformer body's output (B, T, H), without the output layer."""
+    body = getattr(model, model.base_model_prefix)
+    return body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False).last_hidden_state
+
+
+def exp_logits(z, row_max, temperature: float):
+    """e = exp(z / t - row_max) in (at least) float32, made in place of z when z is already float32 (z
+    is always a fresh matmul output here)."""
+    e = z.to(torch.promote_types(z.dtype, torch.float32))
+    if temperature != 1.0:
+        e /= temperature
+    return e.sub_(row_max[:, None]).exp_()
+
+
+def softmax_stats(z, targets, temperature: float, keep: bool):
+    """Of logits z (rows) / t: (e = exp(z / t - m) if keep else None, the row max m, the row sum of e,
+    z_y / t - m). Then log softmax(z / t)_y = (z_y / t - m) - log(sum e), and softmax = e / sum e."""
+    row_max = z.amax(dim=-1).to(torch.promote_types(z.dtype, torch.float32)) / temperature
+    target = z.gather(1, targets[:, None]).squeeze(1).to(row_max.dtype) / temperature - row_max
+    e = exp_logits(z, row_max, temperature)
+    return e if keep else None, row_max, e.sum(-1), target
+
+
+def logit_grad(e, targets, row_sum, grad_logps, temperature: float, dtype):
+    """The gradient on the logits z of a loss whose gradient on log softmax(z / t)_y is g:
+    g (onehot(y) - softmax(z / t)) / t, built in place of e = exp(z / t - m), returned in `dtype`."""
+    g = grad_logps.to(e.dtype) / temperature
+    e *= (-g / row_sum)[:, None]
+    return e.scatter_add_(1, targets[:, None], g[:, None]).to(dtype)
+
+
+class LinearLogProbs(torch.autograd.Function):
+    """For each row i of hidden (N, H): log softmax((hidden_i W^T + b) / t)[target_i], float32 (N,)
+    (float64 for float64 inputs), through the output layer in row chunks of CHUNK_BYTES of logits. The
+    backward needs exp(z / t - max): the forward keeps it when all chunks fit in KEEP_LOGITS_BYTES, else
+    the backward recomputes the chunk's logits (a matmul). Under autocast the matmuls run in the
+    autocast dtype and the softmax in float32, as in the model's own output layer then log_softmax."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature: float):
+        device, (n_rows, vocab) = hidden.device, (hidden.shape[0], weight.shape[0])
+        compute = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
+        keep = any(ctx.needs_input_grad[:3]) and n_rows * vocab * 4 <= KEEP_LOGITS_BYTES
+        step = max(1, CHUNK_BYTES // (4 * vocab))
+        kept, parts = [], []
+        for start in range(0, n_rows, step):
+            rows = slice(start, start + step)
+            e, *chunk_stats = softmax_stats(LinearLogProbs.logits(hidden[rows], weight, bias, compute), targets[rows], temperature, keep)
+            kept.append(e)
+            parts.append(chunk_stats)
+        row_max, row_sum, target = (torch.cat(p) for p in zip(*parts)) if parts else \
+            (hidden.new_zeros(0, dtype=torch.promote_types(compute, torch.float32)) for _ in range(3))
+        ctx.save_for_backward(hidden, weight, bias, targets, row_max, row_sum)
+        ctx.kept, ctx.step, ctx.temperature, ctx.compute = kept if keep else None, step, temperature, compute
+        return target - torch.log(row_sum)
+
+    @staticmethod
+    def logits(hidden, weight, bias, compute) -> torch.Tensor:
+        z = hidden.to(compute) @ weight.to(compute).t()
+        return z if bias is None else z + bias.to(compute)
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, bias, targets, row_max, row_sum = ctx.saved_tensors
+        accumulate = torch.promote_types(weight.dtype, torch.float32)  # weight gradients summed over chunks in float32
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = grad_bias = None
+        for i, start in enumerate(range(0, hidden.shape[0], ctx.step)):
+            rows = slice(start, start + ctx.step)
+            e = ctx.kept[i] if ctx.kept else exp_logits(LinearLogProbs.logits(hidden[rows], weight, bias, ctx.compute),
+                                                        row_max[rows], ctx.temperature)
+            grad_z = logit_grad(e, targets[rows], row_sum[rows], grad_logps[rows], ctx.temperature, ctx.compute)
+            if grad_hidden is not None:
+                grad_hidden[rows] = (grad_z @ weight.to(ctx.compute)).to(hidden.dtype)
+            if ctx.needs_input_grad[1]:
+                part = (grad_z.t() @ hidden[rows].to(ctx.compute)).to(accumulate)
+                grad_weight = part if grad_weight is None else grad_weight.add_(part)
+            if ctx.needs_input_grad[2]:
+                part = grad_z.to(accumulate).sum(0)
+                grad_bias = part if grad_bias is None else grad_bias.add_(part)
+        ctx.kept = None
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None)
+
+
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices into (B, T-1) of the positions that predict a label (labels[:, t+1] not ignored)."""
+    return (labels[:, 1:] != IGNORE_INDEX).flatten().nonzero().squeeze(1)
+
+
+def token_logps(model, batch: dict, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log p(label) in float32 (B, T-1) and the mask of labelled tokens: position t predicts
+    labels[:, t+1]; IGNORE_INDEX positions get log-prob 0 and mask 0. `temperature` divides the logits
+    (PPO's rollout temperature). Only labelled positions reach the output layer (LinearLogProbs); their
+    indices come from the batch when to_device computed them on the host (else the device would stop
+    here until it knew how many there are). A model whose logits are not plain lm_head(h)
+    (output_head_is_plain) goes through its own forward."""
+    labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
-    picked = torch.gather(logits, 2, labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
-    return torch.where(mask, picked - torch.logsumexp(logits, dim=-1), 0.0), mask
+    positions = batch["label_positions"] if "label_positions" in batch else label_positions(batch["labels"])
+    targets = labels.flatten().index_select(0, positions)
+    if output_head_is_plain(model):
+        head = model.get_output_embeddings()
+        hidden = last_hidden_state(model, batch)[:, :-1].flatten(0, 1).index_select(0, positions)
+        rows = LinearLogProbs.apply(hidden, head.weight, head.bias, targets, temperature)
+    else:
+        logits = forward_logits(model, batch)[:, :-1].flatten(0, 1).index_select(0, positions).float() / temperature
+        rows = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    logps = torch.zeros(mask.numel(), dtype=torch.float32, device=rows.device).index_copy(0, positions, rows.float())
+    return logps.view(mask.shape), mask
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Each sequence's summed response log-prob (float32) and its number of response tokens."""
-    logps, mask = token_logps(logits, labels)
+    logps, mask = token_logps(model, batch)
     return logps.sum(-1), mask.sum(-1)
 
 
 def forward_logits(model, batch: dict) -> torch.Tensor:
+    """The model's own full logits (B, T, V): only for models whose output layer is not plain."""
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                  position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False).logits
 
 
 def concatenated_logps(model, pair_batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of chosen and rejected from one forward over collate_pairs' batch."""
-    logps, _ = sequence_logps(forward_logits(model, pair_batch), pair_batch["labels"])
+    logps, _ = sequence_logps(model, pair_batch)
     n = logps.shape[0] // 2
     return logps[:n], logps[n:]
 
@@ -793,7 +921,7 @@ def empirical_fisher(model, examples: list[dict], device, dtype=torch.float32) -
         model.zero_grad(set_to_none=True)
         batch = to_device(collate([example], model.config.pad_token_id), device)
         with autocast(device, dtype):
-            logps, _ = sequence_logps(forward_logits(model, batch), batch["labels"])
+            logps, _ = sequence_logps(model, batch)
         logps.sum().backward()
         for name, p in params.items():
             if p.grad is not None:
@@ -904,12 +1032,29 @@ def progress(total: int, desc: str, disable: bool = False):
     return LineProgress(total, desc)
 
 
+def adamw(params: list, lr: float):
+    """AdamW without weight decay, as in the authors' scripts, with torch's fused kernel (CPU and CUDA:
+    the same update to rounding, in one pass over the weights instead of one per operation and tensor)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
+
+
+def set_checkpointing(model, cfg) -> None:
+    """--gradient_checkpointing: the transformer layers keep only their inputs and recompute the rest
+    in the backward (same gradients: tests/test_losses.py)."""
+    if cfg.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name for it
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def train_epochs(model, examples: list, step_fn: Callable, cfg, *, lr: float, epochs: int, seed: int,
                  desc: str, log: Callable | None = None, penalty: Callable | None = None) -> None:
     """The loop every supervised stage shares. step_fn(micro_batches) runs forward and backward on
     each micro-batch (normalised over the whole accumulated batch) and returns {name: 0-dim tensor}."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    set_checkpointing(model, cfg)
+    optimizer = adamw(params, lr)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)))
     order_rng = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
@@ -948,8 +1093,7 @@ def train_sft(model, examples: list, cfg, *, device, dtype, seed: int, desc: str
         for batch in batches:
             batch = to_device(batch, device)
             with autocast(device, dtype):
-                logits = forward_logits(model, batch)
-            logps, _ = token_logps(logits, batch["labels"])
+                logps, _ = token_logps(model, batch)
             loss = -logps.sum() / n_tokens
             loss.backward()
             total += loss.detach()
@@ -958,11 +1102,39 @@ def train_sft(model, examples: list, cfg, *, device, dtype, seed: int, desc: str
     train_epochs(model, examples, step, cfg, lr=cfg.sft_lr, epochs=cfg.sft_epochs, seed=seed, desc=desc, log=log, penalty=penalty)
 
 
-def train_dpo(policy, ref_model, examples: list, cfg, *, device, dtype, seed: int, desc: str = "dpo", log=None, penalty=None):
-    """DPO against a frozen reference (eval mode, no_grad). A pair with a "weight" key has its loss
-    scaled by it (LD-Align). Chosen and rejected share one forward pass per model."""
-    pad_id = policy.config.pad_token_id
-    ref_model.eval()
+def frozen_copy(model):
+    """A frozen copy (no gradients, eval mode): a DPO or PPO reference."""
+    return copy.deepcopy(model).requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def with_reference_logps(reference, pairs: list[dict], cfg, *, device, dtype) -> list[dict]:
+    """Copies of the pairs with "ref_logps": (chosen, rejected) summed log-probs under `reference`, in
+    eval mode, --batch_size / --grad_accum_steps pairs per forward (training's micro-batch)."""
+    was_training, pad_id = reference.training, reference.config.pad_token_id
+    reference.eval()
+    out = []
+    for chunk in micro_batches(pairs, math.ceil(cfg.batch_size / cfg.grad_accum_steps)):
+        with autocast(device, dtype):
+            chosen, rejected = concatenated_logps(reference, to_device(collate_pairs(chunk, pad_id), device))
+        out += [{**p, "ref_logps": (c, r)} for p, c, r in zip(chunk, chosen.tolist(), rejected.tolist())]
+    reference.train(was_training)
+    return out
+
+
+def train_dpo(policy, examples: list, cfg, *, device, dtype, seed: int, desc: str = "dpo", log=None, penalty=None):
+    """DPO against a frozen reference: the policy as it is now, at the start of the stage (the SFT model
+    of the two-stage baseline, the stage start in HBAT, the previous iterate in LD-Align). By default a
+    frozen copy of it (eval mode, no_grad) runs beside the policy; with --precompute_ref_logps its
+    log-probs are computed once, before the first update, and no copy is held. Pairs that already
+    carry "ref_logps" (with_reference_logps) use those. A pair with a "weight" key has its loss scaled
+    by it (LD-Align). Chosen and rejected share one forward pass per model."""
+    pad_id, reference = policy.config.pad_token_id, None
+    if "ref_logps" not in examples[0]:
+        if cfg.precompute_ref_logps:
+            examples = with_reference_logps(policy, examples, cfg, device=device, dtype=dtype)
+        else:
+            reference = frozen_copy(policy)
 
     def step(micro_batches):
         n_pairs = sum(map(len, micro_batches))
@@ -970,8 +1142,11 @@ def train_dpo(policy, ref_model, examples: list, cfg, *, device, dtype, seed: in
         for pairs in micro_batches:
             batch = to_device(collate_pairs(pairs, pad_id), device)
             weights = torch.tensor([p["weight"] for p in pairs], device=device) if "weight" in pairs[0] else None
-            with torch.no_grad(), autocast(device, dtype):
-                ref_chosen_logps, ref_rejected_logps = concatenated_logps(ref_model, batch)
+            if reference is None:
+                ref_chosen_logps, ref_rejected_logps = torch.tensor([p["ref_logps"] for p in pairs], device=device).T
+            else:
+                with torch.no_grad(), autocast(device, dtype):
+                    ref_chosen_logps, ref_rejected_logps = concatenated_logps(reference, batch)
             with autocast(device, dtype):
                 policy_chosen_logps, policy_rejected_logps = concatenated_logps(policy, batch)
             losses, chosen_rewards, rejected_rewards = dpo_loss(
@@ -1023,7 +1198,7 @@ def rollout_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: 
 def response_logps(model, batch: dict, temperature: float = 1.0) -> torch.Tensor:
     """log pi(y_t | x, y_<t) for each response token, aligned to the response columns (B, R), under
     the sampling temperature the rollout used (so the policy-gradient ratios are on-policy)."""
-    logps, _ = token_logps(forward_logits(model, batch) / temperature, batch["labels"])
+    logps, _ = token_logps(model, batch, temperature)
     return logps[:, batch["query_width"] - 1:]
 
 
@@ -1033,24 +1208,38 @@ def response_values(value_model, batch: dict) -> torch.Tensor:
     return values[:, batch["query_width"] - 1:-1]
 
 
+def select(batch: dict, rows) -> dict:
+    """The given rows of a rollout batch (tensors indexed, other entries kept)."""
+    return {k: v[rows] if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def micro_batches(rows: list[int], size: int) -> list[list[int]]:
+    return [rows[i:i + size] for i in range(0, len(rows), size)]
+
+
 def ppo_step(policy, ref_model, reward_model, value_model, prompts: list[list[int]], policy_optimizer,
              value_optimizer, cfg, *, device, dtype, penalty: Callable | None = None) -> dict[str, float]:
-    """One PPO iteration on a batch of prompts: sample responses, score them, per-token rewards
-    (-kl_coef * KL + RM score on the last token), GAE with whitened advantages, then `ppo_epochs`
-    passes of clipped policy and clipped value updates over `ppo_minibatches` minibatches (each one
-    forward pass: grad_accum_steps does not apply here)."""
+    """One PPO iteration on a batch of prompts: sample and score responses (--eval_batch_size prompts at
+    a time), per-token rewards (-kl_coef * KL + RM score on the last token), GAE with whitened
+    advantages, then `ppo_epochs` passes of clipped policy and clipped value updates over
+    `ppo_minibatches` minibatches. Every forward runs at most --ppo_micro_batch_size sequences: a
+    minibatch's loss is accumulated over its micro-batches, each weighted by its share of the
+    minibatch's tokens (so the update equals one big forward's), and the policy's graph is freed
+    before the critic's is built. Memory is bounded by the micro-batch, not the rollout."""
     pad_id, eos_id = policy.config.pad_token_id, policy.config.eos_token_id
     policy.eval()
     responses = generate(policy, prompts, pad_id=pad_id, eos_id=eos_id, max_new_tokens=cfg.max_new_tokens,
-                         batch_size=len(prompts), device=device, dtype=dtype, do_sample=True,
+                         batch_size=cfg.eval_batch_size, device=device, dtype=dtype, do_sample=True,
                          temperature=cfg.temperature)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in rollout_batch(prompts, responses, pad_id).items()}
     mask = (batch["labels"][:, batch["query_width"]:] != IGNORE_INDEX).float()
+    scored = []  # no gradients, so no activations kept: scored in generation batches
     with torch.no_grad(), autocast(device, dtype):
-        old_logps = response_logps(policy, batch, cfg.temperature)
-        ref_logps = response_logps(ref_model, batch, cfg.temperature)
-        old_values = response_values(value_model, batch)
-        scores = sequence_scores(reward_model, batch["input_ids"], batch["attention_mask"])
+        for rows in micro_batches(list(range(len(prompts))), cfg.eval_batch_size):
+            sub = select(batch, rows)
+            scored.append((response_logps(policy, sub, cfg.temperature), response_logps(ref_model, sub, cfg.temperature),
+                           response_values(value_model, sub), sequence_scores(reward_model, sub["input_ids"], sub["attention_mask"])))
+    old_logps, ref_logps, old_values, scores = (torch.cat(parts) for parts in zip(*scored))
     rewards = ppo_rewards(scores, old_logps, ref_logps, mask, cfg.kl_coef)
     advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
     advantages = masked_whiten(advantages, mask)
@@ -1061,19 +1250,25 @@ def ppo_step(policy, ref_model, reward_model, value_model, prompts: list[list[in
     sums = {"loss/policy": 0.0, "loss/value": 0.0, "clipfrac": 0.0} | ({"loss/ewc": 0.0} if penalty else {})
     n_updates = 0
     for _ in range(cfg.ppo_epochs):
-        for rows in chunks(torch.randperm(len(prompts)).tolist(), cfg.ppo_minibatches):
-            sub = {k: v[rows] if torch.is_tensor(v) else v for k, v in batch.items()}
-            with autocast(device, dtype):
-                logps = response_logps(policy, sub, cfg.temperature)
-            policy_loss, clipfrac = ppo_policy_loss(logps, old_logps[rows], advantages[rows], mask[rows], cfg.clip)
+        for minibatch in chunks(torch.randperm(len(prompts)).tolist(), cfg.ppo_minibatches):
+            n_tokens = mask[minibatch].sum()
+            totals = torch.zeros(3, device=device)  # policy loss, value loss, clipped fraction: minibatch means
+            for rows in micro_batches(minibatch, cfg.ppo_micro_batch_size):
+                sub, share = select(batch, rows), mask[rows].sum() / n_tokens
+                with autocast(device, dtype):
+                    logps = response_logps(policy, sub, cfg.temperature)
+                policy_loss, clipfrac = ppo_policy_loss(logps, old_logps[rows], advantages[rows], mask[rows], cfg.clip)
+                (policy_loss * share).backward()
+                with autocast(device, dtype):
+                    values = response_values(value_model, sub)
+                value_loss = ppo_value_loss(values, old_values[rows], returns[rows], mask[rows], cfg.value_clip)
+                (value_loss * share).backward()
+                totals += torch.stack([policy_loss.detach(), value_loss.detach(), clipfrac]) * share
             ewc = penalty() if penalty is not None else torch.zeros((), device=device)
-            with autocast(device, dtype):
-                values = response_values(value_model, sub)
-            value_loss = ppo_value_loss(values, old_values[rows], returns[rows], mask[rows], cfg.value_clip)
-            step_values = dict(zip(sums, torch.stack([policy_loss.detach(), value_loss.detach(), clipfrac, ewc.detach()]).tolist()))
+            if ewc.requires_grad:
+                ewc.backward()
+            step_values = dict(zip(sums, torch.cat([totals, ewc.detach().reshape(1)]).tolist()))
             check_finite(step_values, "ppo step")
-            (policy_loss + ewc).backward()
-            value_loss.backward()
             # both gradient norms are checked before either model steps, so a failure leaves both untouched
             policy_norm = float(torch.nn.utils.clip_grad_norm_(policy_params, cfg.max_grad_norm))
             value_norm = float(torch.nn.utils.clip_grad_norm_(value_params, cfg.max_grad_norm))
@@ -1094,8 +1289,9 @@ def train_ppo(policy, ref_model, reward_model, value_model, prompts: list[list[i
     """`pref_epochs` passes over the prompts in batches of `ppo_batch_size`, one ppo_step each. The
     reference and reward models stay frozen in eval mode."""
     ref_model.eval(), reward_model.eval()
-    policy_optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.pref_lr, weight_decay=0.0)
-    value_optimizer = torch.optim.AdamW([p for p in value_model.parameters() if p.requires_grad], lr=cfg.value_lr, weight_decay=0.0)
+    set_checkpointing(policy, cfg), set_checkpointing(value_model, cfg)
+    policy_optimizer = adamw([p for p in policy.parameters() if p.requires_grad], cfg.pref_lr)
+    value_optimizer = adamw([p for p in value_model.parameters() if p.requires_grad], cfg.value_lr)
     order_rng = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(prompts) / cfg.ppo_batch_size)
     with progress(cfg.pref_epochs * steps_per_epoch, desc) as bar:
@@ -1246,6 +1442,8 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, float32 on CPU) | float32 | bfloat16
     batch_size: int = 32  # examples or pairs per optimizer step
     grad_accum_steps: int = 1  # micro-batches per optimizer step (same update, less memory)
+    gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~1/3 more compute
+    precompute_ref_logps: bool = False  # DPO: the reference's log-probs computed once before training; no reference model held
     sft_epochs: int = 3  # passes over the SFT data (3 per stage in the HBAT authors' script)
     sft_lr: float = 1e-3  # SFT learning rate (tiny model; ~2e-5 for a real one)
     pref_epochs: int = 1  # passes over the preference data (DPO pairs or PPO prompts)
@@ -1263,6 +1461,7 @@ class TrainConfig:
     ppo_batch_size: int = 64  # prompts per rollout
     ppo_epochs: int = 2  # optimisation passes over each rollout
     ppo_minibatches: int = 2  # minibatches (optimizer steps) per pass
+    ppo_micro_batch_size: int = 4  # sequences per PPO forward/backward (gradients accumulated): bounds PPO's memory
     kl_coef: float = 0.05  # per-token KL penalty to the reference
     gamma: float = 1.0  # discount
     lam: float = 0.95  # GAE lambda
@@ -1285,7 +1484,8 @@ class TrainConfig:
               "grad_accum_steps": "[1, inf)", "sft_epochs": "[0, inf)", "sft_lr": "(0, inf)", "pref_epochs": "[1, inf)",
               "pref_lr": "(0, inf)", "warmup_steps": "[0, inf)", "max_grad_norm": "(0, inf)", "beta": "(0, inf)",
               "label_smoothing": "[0, 0.5)", "rm_epochs": "[1, inf)", "rm_lr": "(0, inf)", "value_lr": "(0, inf)",
-              "ppo_batch_size": "[1, inf)", "ppo_epochs": "[1, inf)", "ppo_minibatches": "[1, inf)", "kl_coef": "[0, inf)",
+              "ppo_batch_size": "[1, inf)", "ppo_epochs": "[1, inf)", "ppo_minibatches": "[1, inf)",
+              "ppo_micro_batch_size": "[1, inf)", "kl_coef": "[0, inf)",
               "gamma": "[0, 1]", "lam": "[0, 1]", "clip": "(0, inf)", "value_clip": "(0, inf)", "temperature": "(0, inf)",
               "max_new_tokens": "[1, inf)", "eval_batch_size": "[1, inf)"}
     CHOICES = {"dtype": ("auto", "float32", "bfloat16", "bf16"), "loss_type": ("sigmoid", "ipo")}

@@ -141,12 +141,11 @@ def train_stage(cfg: Config, kind: str, policy, shard: list, reward_model, *, pe
     if kind == "sft":
         C.train_sft(policy, shard, cfg, device=device, dtype=dtype, seed=seed, desc=name, log=log, penalty=penalty)
         return
-    reference = copy.deepcopy(policy).requires_grad_(False).eval()
-    if cfg.pref == "dpo":
-        C.train_dpo(policy, reference, shard, cfg, device=device, dtype=dtype, seed=seed, desc=name, log=log, penalty=penalty)
+    if cfg.pref == "dpo":  # train_dpo's reference is the policy at its start
+        C.train_dpo(policy, shard, cfg, device=device, dtype=dtype, seed=seed, desc=name, log=log, penalty=penalty)
     else:
         value_model = copy.deepcopy(reward_model).requires_grad_(True)  # a fresh critic from the reward model
-        C.train_ppo(policy, reference, reward_model, value_model, [p["prompt_ids"] for p in shard], cfg,
+        C.train_ppo(policy, C.frozen_copy(policy), reward_model, value_model, [p["prompt_ids"] for p in shard], cfg,
                     device=device, dtype=dtype, seed=seed, desc=name, log=log, penalty=penalty)
 
 

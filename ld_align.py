@@ -205,13 +205,12 @@ def self_play(name: str, weighting: str, policy, tokenizer, data: dict, cfg, *, 
         torch.manual_seed(cfg.seed)
         vocab_size = max(len(tokenizer), policy.config.vocab_size)  # the policy may sample ids of a padded vocabulary
         guide = GuideModel(vocab_size, cfg.max_length, cfg.guide_dim, cfg.latent_dim, cfg.guide_layers, cfg.guide_heads).to(device)
-        guide_optimizer = torch.optim.AdamW(guide.parameters(), lr=cfg.guide_lr, weight_decay=0.0)
+        guide_optimizer = C.adamw(list(guide.parameters()), cfg.guide_lr)
         if checkpoint:
             guide.load_state_dict(checkpoint["extra"]["guide"])
             guide_optimizer.load_state_dict(checkpoint["extra"]["guide_optimizer"])
     for t in range(checkpoint["iteration"] + 1 if checkpoint else 1, cfg.iterations + 1):
         # ------------------------------------------------ self-play pairs from pi_{t-1}, which is also the reference
-        reference = copy.deepcopy(policy).requires_grad_(False).eval()
         pairs = self_play_pairs(policy, data["sft"], cfg, tokenizer=tokenizer, seed=cfg.seed + t, device=device,
                                 dtype=dtype, desc=f"{name} sample {t}")
         stats = {"identical": sum(p["chosen"] == p["rejected"] for p in pairs) / len(pairs)}  # sample == gold
@@ -230,11 +229,10 @@ def self_play(name: str, weighting: str, policy, tokenizer, data: dict, cfg, *, 
                               "clipped": (distances > cfg.w_max * distances.mean()).float().mean().item()})
             for pair, w in zip(pairs, weights.tolist()):
                 pair["weight"] = w  # common.train_dpo: loss = (1/n) sum_i w_i * l_i
-            # -------------------------------------------- weighted self-play DPO against the frozen pi_{t-1}
-            C.train_dpo(policy, reference, pairs, cfg, device=device, dtype=dtype, seed=cfg.seed + t, desc=f"{name} dpo {t}", log=log)
+            # -------------------------------------------- weighted self-play DPO against the frozen pi_{t-1} (the policy now)
+            C.train_dpo(policy, pairs, cfg, device=device, dtype=dtype, seed=cfg.seed + t, desc=f"{name} dpo {t}", log=log)
         else:
             print(f"[{name} {t}/{cfg.iterations}] every sample equals its gold response: no pair to train on")
-        del reference
         metrics, outputs = C.evaluate(policy, tokenizer, data["test"], cfg, device=device, dtype=dtype, score_fn=score_fn,
                                       against=state["sft_outputs"], desc=f"eval {name} {t}")
         row = {"arm": name, "iteration": t, **metrics, **stats}

@@ -76,13 +76,12 @@ def main(cfg: Config) -> dict:
         sft_metrics, sft_outputs = state["sft_metrics"], state["sft_outputs"]
 
     # ---------------------------------------------------------------- stage 2: human preference (DPO or PPO)
-    reference = copy.deepcopy(policy).requires_grad_(False).eval()  # frozen SFT model
-    if cfg.pref == "dpo":
-        C.train_dpo(policy, reference, data["pref"], cfg, device=device, dtype=dtype, seed=cfg.seed + 1, log=log)
+    if cfg.pref == "dpo":  # the reference: the SFT model, frozen (train_dpo: the policy at its start)
+        C.train_dpo(policy, data["pref"], cfg, device=device, dtype=dtype, seed=cfg.seed + 1, log=log)
     else:
         value_model = copy.deepcopy(reward_model)  # critic initialised from the reward model
         reward_model.requires_grad_(False)
-        C.train_ppo(policy, reference, reward_model, value_model, [p["prompt_ids"] for p in data["pref"]], cfg,
+        C.train_ppo(policy, C.frozen_copy(policy), reward_model, value_model, [p["prompt_ids"] for p in data["pref"]], cfg,
                     device=device, dtype=dtype, seed=cfg.seed + 1, log=log)
     C.save_model(policy, tokenizer, out / "final")
 

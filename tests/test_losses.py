@@ -107,9 +107,10 @@ def test_logps_match_brute_force_loop(tiny, side):
     batch = (right_batch if side == "right" else left_batch)(seqs, tokenizer.pad_token_id)
     with torch.no_grad():
         logits = common.forward_logits(model, batch)
+        sums, counts = common.sequence_logps(model, batch)
+        per_token, mask = common.token_logps(model, batch)
     assert torch.isfinite(logits).all()
 
-    sums, counts = common.sequence_logps(logits, batch["labels"])
     exp_sums, exp_counts = brute_sequence_logps(logits, batch["labels"])
     assert counts.tolist() == exp_counts == [s["n_expected"] for s in seqs]
     assert sums.dtype == torch.float32
@@ -117,7 +118,6 @@ def test_logps_match_brute_force_loop(tiny, side):
         assert got == pytest.approx(want, abs=1e-5)
     assert all(v < 0 for v in exp_sums)
 
-    per_token, mask = common.token_logps(logits, batch["labels"])
     brute = brute_token_logps(logits, batch["labels"])
     assert per_token.shape == (len(seqs), batch["labels"].shape[1] - 1)
     for b in range(len(seqs)):
@@ -130,16 +130,73 @@ def test_logps_match_brute_force_loop(tiny, side):
                 assert float(per_token[b, t - 1]) == 0.0
 
 
-def test_token_logps_bf16_logits_are_computed_in_float32():
+def full_logits_token_logps(model, batch, temperature=1.0):
+    """The computation token_logps replaced: every position's logits in float32, log_softmax, gather."""
+    logits = common.forward_logits(model, batch)[:, :-1].float() / temperature
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    picked = logits.log_softmax(-1).gather(2, labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(mask, picked, 0.0)
+
+
+def grads_of(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("path", ["keep logits", "recompute, 2-row chunks", "model's own logits"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_response_only_logps_equal_the_full_logits_computation(tiny, monkeypatch, side, path, temperature):
+    """Values and gradients (of a weighted sum, so every token's gradient counts differently) of
+    token_logps equal those of the old full-logits computation, on either padding side, whether the
+    backward keeps the softmax or recomputes it in chunks, and through the fallback for output layers
+    that are not plain."""
+    model, tokenizer = tiny
+    batch = (right_batch if side == "right" else left_batch)(seqs_with_labels(tokenizer), tokenizer.pad_token_id)
+    weights = torch.rand(batch["labels"].shape[0], batch["labels"].shape[1] - 1, generator=torch.Generator().manual_seed(0))
+    expected = full_logits_token_logps(model, batch, temperature)
+    expected_grads = grads_of(model, (expected * weights).sum())
+    if path.startswith("recompute"):
+        monkeypatch.setattr(common, "KEEP_LOGITS_BYTES", 0)
+        monkeypatch.setattr(common, "CHUNK_BYTES", 2 * 4 * model.config.vocab_size)  # two rows of logits at a time
+    if path == "model's own logits":
+        monkeypatch.setattr(common, "output_head_is_plain", lambda model: False)
+    got, mask = common.token_logps(model, batch, temperature)
+    assert got.dtype == torch.float32 and int(mask.sum()) == sum(s["n_expected"] for s in seqs_with_labels(tokenizer))
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-6)
+    got_grads = grads_of(model, (got * weights).sum())
+    assert got_grads.keys() == expected_grads.keys()
+    for name in got_grads:
+        torch.testing.assert_close(got_grads[name], expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_linear_log_probs_gradcheck_with_bias_and_chunks(monkeypatch):
+    """The hand-written backward against finite differences (float64), bias and temperature included,
+    on both backward paths."""
     torch.manual_seed(0)
-    logits = (torch.randn(2, 4, 7) * 3).to(torch.bfloat16)
-    labels = torch.tensor([[IGNORE_INDEX, 3, 5, IGNORE_INDEX], [IGNORE_INDEX, IGNORE_INDEX, 0, 6]])
-    logps, mask = common.token_logps(logits, labels)
-    assert logps.dtype == torch.float32
-    brute = brute_token_logps(logits.float(), labels)
-    for (b, t), v in brute.items():
-        assert float(logps[b, t - 1]) == pytest.approx(v, abs=1e-5)
-    assert mask.sum().item() == len(brute) == 4
+    hidden = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 6, 3, 3, 1])
+    for keep, chunk in ((1 << 30, 1 << 28), (0, 2 * 4 * 7)):
+        monkeypatch.setattr(common, "KEEP_LOGITS_BYTES", keep)
+        monkeypatch.setattr(common, "CHUNK_BYTES", chunk)
+        assert torch.autograd.gradcheck(lambda h, w, b: common.LinearLogProbs.apply(h, w, b, targets, 0.8), (hidden, weight, bias))
+    want = ((hidden @ weight.t() + bias) / 0.8).log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    torch.testing.assert_close(common.LinearLogProbs.apply(hidden, weight, bias, targets, 0.8).double(), want)
+
+
+def test_token_logps_under_bf16_autocast_are_float32_and_close(tiny):
+    """bf16 matmuls, float32 softmax, as the model's own bf16 output layer then log_softmax would give."""
+    model, tokenizer = tiny
+    batch = right_batch(seqs_with_labels(tokenizer), tokenizer.pad_token_id)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = common.token_logps(model, batch)
+        expected = full_logits_token_logps(model, batch)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=0.05)
 
 
 def test_padding_does_not_change_sequence_logps(tiny):
@@ -154,7 +211,7 @@ def test_padding_does_not_change_sequence_logps(tiny):
         for make in (right_batch, left_batch):
             batch = make(seqs, tokenizer.pad_token_id)
             assert (batch["attention_mask"] == 0).any()
-            sums, _ = common.sequence_logps(common.forward_logits(model, batch), batch["labels"])
+            sums, _ = common.sequence_logps(model, batch)
             for got, want in zip(sums.tolist(), alone):
                 assert abs(got - want) < 1e-5, make.__name__
 
@@ -471,7 +528,7 @@ def _plain_sgd(monkeypatch):
     """Compare updates with plain SGD. AdamW's first step is lr * g / |g| elementwise, which turns
     float32 summation-order noise in near-zero gradient entries into lr-sized weight differences
     (seen: 1.4e-6 on another machine's torch); with SGD the update is proportional to the gradient."""
-    monkeypatch.setattr(common.torch.optim, "AdamW", lambda params, lr, weight_decay=0.0: torch.optim.SGD(params, lr=lr))
+    monkeypatch.setattr(common.torch.optim, "AdamW", lambda params, lr, weight_decay=0.0, **_: torch.optim.SGD(params, lr=lr))
 
 
 def _capture_grads(monkeypatch):
@@ -527,7 +584,7 @@ def test_sft_grad_accumulation_gives_same_weights(tiny_dir, monkeypatch):
         total = torch.zeros(())
         for micro in micro_batches:
             batch = common.collate(micro, tokenizer.pad_token_id)
-            logps, mask = common.token_logps(common.forward_logits(model, batch), batch["labels"])
+            logps, mask = common.token_logps(model, batch)
             loss = -logps.sum() / mask.sum() / len(micro_batches)
             loss.backward()
             total += loss.detach()
@@ -577,14 +634,11 @@ def test_dpo_grad_accumulation_gives_same_weights(tiny_dir, monkeypatch, loss_ty
     results, logs, grads = [], [], []
     for accum in (1, 4):
         policy, tokenizer = common.load_model_and_tokenizer(str(tiny_dir))
-        reference, _ = common.load_model_and_tokenizer(str(tiny_dir))
-        ref_before = _params(reference)
         examples = _pref_examples(tokenizer, weighted=weighted)
         start = _params(policy)
         log, captured = [], _capture_grads(monkeypatch)
-        common.train_dpo(policy, reference, examples, _cfg(grad_accum_steps=accum, loss_type=loss_type),
+        common.train_dpo(policy, examples, _cfg(grad_accum_steps=accum, loss_type=loss_type),
                          device=CPU, dtype=torch.float32, seed=0, log=log.append)
-        assert _max_diff(_params(reference), ref_before) == 0.0  # the reference stays frozen
         results.append(_params(policy))
         logs.append(log)
         grads.append(captured)
@@ -729,3 +783,91 @@ def test_builtin_task_words_are_in_tiny_vocabulary():
     assert words - vocab == set()
     tokenizer = common.build_tiny_tokenizer()
     assert tokenizer.unk_token_id not in common.encode_prompt(tokenizer, a["test"][0]["prompt"])
+
+
+# ------------------------------------------------------------------------------------------------
+# memory options: each gives the update of the plain path
+# ------------------------------------------------------------------------------------------------
+
+
+def test_ppo_micro_batches_give_the_update_of_one_forward(tiny_dir, monkeypatch):
+    """A PPO minibatch of 6 rollouts as one forward, or as micro-batches of 4 and 2 sequences whose losses
+    are weighted by their share of the minibatch's tokens: the same stats and (plain SGD) the same weights."""
+    _plain_sgd(monkeypatch)
+    rows = common.builtin_task(seed=6, n_sft=1, n_pref=12, n_test=1)["pref"]
+    results = []
+    for micro in (6, 4):
+        policy, tokenizer = common.load_model_and_tokenizer(str(tiny_dir))
+        torch.manual_seed(1)  # the same fresh reward head in both runs
+        reward_model = common.load_reward_model(str(tiny_dir), tokenizer, new_head=True).requires_grad_(False)
+        value_model = copy.deepcopy(reward_model).requires_grad_(True)
+        cfg = dataclasses.replace(common.TrainConfig(), ppo_minibatches=2, ppo_epochs=1, ppo_micro_batch_size=micro,
+                                  max_new_tokens=6, eval_batch_size=12)
+        prompts = [common.encode_prompt(tokenizer, r["prompt"]) for r in rows]
+        optimizers = [torch.optim.SGD(m.parameters(), lr=1e-2) for m in (policy, value_model)]
+        torch.manual_seed(0)  # the same samples and minibatch order in both runs
+        stats = common.ppo_step(policy, common.frozen_copy(policy), reward_model, value_model, prompts, *optimizers, cfg,
+                                device=CPU, dtype=torch.float32)
+        results.append((stats, _params(policy), _params(value_model)))
+    (stats_one, policy_one, value_one), (stats_micro, policy_micro, value_micro) = results
+    assert stats_one.keys() == stats_micro.keys()
+    for key in stats_one:
+        assert stats_micro[key] == pytest.approx(stats_one[key], rel=1e-5, abs=1e-6), key
+    assert _max_diff(policy_one, policy_micro) < 1e-6 and _max_diff(value_one, value_micro) < 1e-6
+    start, _ = common.load_model_and_tokenizer(str(tiny_dir))
+    assert _max_diff(policy_one, _params(start)) > 1e-4  # and the step did move the policy
+
+
+def test_precomputed_reference_logps_give_the_same_dpo_run(tiny_dir):
+    """--precompute_ref_logps: no reference model, the same losses at every step and the same weights."""
+    runs = []
+    for precompute in (False, True):
+        policy, tokenizer = common.load_model_and_tokenizer(str(tiny_dir))
+        log = []
+        common.train_dpo(policy, _pref_examples(tokenizer), _cfg(precompute_ref_logps=precompute, pref_epochs=2),
+                         device=CPU, dtype=torch.float32, seed=0, log=log.append)
+        runs.append((log, _params(policy)))
+    (log_model, weights_model), (log_pre, weights_pre) = runs
+    assert len(log_model) == len(log_pre) == 4
+    for a, b in zip(log_model, log_pre):
+        for key in ("loss/dpo", "rewards/chosen", "rewards/margins"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+    assert log_model[-1]["rewards/margins"] > 0.01  # the reference stayed put while the policy moved
+    assert _max_diff(weights_model, weights_pre) < 1e-5
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir, monkeypatch):
+    captured, layer_calls = _capture_grads(monkeypatch), []
+    for checkpointing in (False, True):
+        model, tokenizer = common.load_model_and_tokenizer(str(tiny_dir))
+        calls = []
+        model.model.layers[0].self_attn.register_forward_hook(lambda *args: calls.append(1))  # inside the checkpoint
+        common.train_sft(model, _sft_examples(tokenizer), _cfg(gradient_checkpointing=checkpointing),
+                         device=CPU, dtype=torch.float32, seed=0)
+        layer_calls.append(len(calls))
+    assert layer_calls == [2, 4]  # two steps; with checkpointing the layer runs again in each backward
+    assert len(captured) == 4
+    for plain, checkpointed in zip(captured[:2], captured[2:]):
+        torch.testing.assert_close(checkpointed, plain, rtol=0, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("keep", [True, False])
+def test_token_logps_on_cuda_in_bf16_match_the_full_logits(tiny_dir, monkeypatch, keep):
+    """On the GPU, under bf16 autocast: the same values and gradients as the model's own bf16 output
+    layer followed by a float32 log_softmax, to bf16 rounding."""
+    model, tokenizer = common.load_model_and_tokenizer(str(tiny_dir))
+    model.cuda()
+    batch = {k: v.cuda() for k, v in right_batch(seqs_with_labels(tokenizer), tokenizer.pad_token_id).items()}
+    if not keep:
+        monkeypatch.setattr(common, "KEEP_LOGITS_BYTES", 0)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        expected = full_logits_token_logps(model, batch)
+    expected_grads = grads_of(model, expected.sum())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got, _ = common.token_logps(model, batch)
+    got_grads = grads_of(model, got.sum())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-2)
+    for name in got_grads:
+        assert ((got_grads[name] - expected_grads[name]).norm() / expected_grads[name].norm()).item() < 2e-2, name

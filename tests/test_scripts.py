@@ -232,8 +232,8 @@ def test_nan_dpo_loss_raises_and_keeps_sft(tmp_path, monkeypatch, record_saves):
 def test_nan_sft_loss_raises_before_saving(tmp_path, monkeypatch, record_saves):
     real_token_logps = C.token_logps
 
-    def nan_token_logps(logits, labels):
-        logps, mask = real_token_logps(logits, labels)
+    def nan_token_logps(model, batch, temperature=1.0):
+        logps, mask = real_token_logps(model, batch, temperature)
         return logps * float("nan"), mask
 
     monkeypatch.setattr(C, "token_logps", nan_token_logps)
