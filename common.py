@@ -1,10 +1,10 @@
 """Shared pieces of the three alignment scripts (two_stage_baseline.py, hbat.py, ld_align.py).
 
-Read top to bottom, this file is: device and seeding; the built-in task; model and tokenizer loading;
-data loading, validation and tokenization; log-probs; the losses (SFT, DPO, Bradley-Terry, PPO); the
-Fisher/EWC math; the training loops (one SFT stage, one DPO stage, reward-model training, one PPO
-rollout/update step); generation; evaluation; configuration. Functions are small; tests/ checks them.
-Conventions (../shared/METHODS.md section 4): labels are built before padding, prompt and padding
+Read top to bottom, this file is: device and seeding; more than one process (torchrun); the built-in
+task; model and tokenizer loading; data loading, validation and tokenization; log-probs; the losses
+(SFT, DPO, Bradley-Terry, PPO); the Fisher/EWC math; the training loops (one SFT stage, one DPO
+stage, reward-model training, one PPO rollout/update step); generation; evaluation; configuration.
+Functions are small; tests/ checks them. Conventions (../shared/METHODS.md section 4): labels are built before padding, prompt and padding
 labels are IGNORE_INDEX, EOS is appended to every response and labelled (only truncation can cut it),
 log-probs are float32.
 """
@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 IGNORE_INDEX = -100
@@ -64,6 +66,10 @@ def pick_device(device: str = "auto") -> torch.device:
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N; got {device!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if world_size() > 1 and device.startswith("cuda"):  # torchrun: one GPU per rank
+        if device != "cuda":
+            raise ConfigError(f"--device {device}: under torchrun each rank uses cuda:LOCAL_RANK; give --device cuda or auto")
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             build = "a CPU-only build" if torch.version.cuda is None else "no GPU visible"
@@ -97,6 +103,132 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
+
+
+# ============================================================================================
+# More than one process (torchrun): a thin layer; with one process every function here does nothing
+# ============================================================================================
+# `torchrun --nproc_per_node N script.py ...` starts N copies ("ranks") of a script. Every rank holds
+# the whole data set and draws the same global batches from the same seeds; each runs its slice of a
+# batch (shards) with the loss already divided by the global batch's count, so the gradients summed
+# over ranks are the one-process gradients. DDP (the default): whole models on every rank, gradients
+# summed by sync_gradients after the backward. --fsdp: FSDP2 shards each transformer layer's weights
+# over the ranks (fully_shard sums their gradients in the backward); the embeddings, final norm and
+# output heads stay whole on every rank and are summed like DDP's. Rank 0 prints, logs and saves.
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_distributed(cfg) -> None:
+    """Under torchrun (LOCAL_RANK set): join the process group, nccl with one GPU per rank when CUDA is
+    used, else gloo. Ranks other than 0 print nothing to stdout. Without torchrun: nothing."""
+    if "LOCAL_RANK" not in os.environ or dist.is_initialized():
+        return
+    cuda = cfg.device in ("auto", "cuda") and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if rank() > 0:
+        sys.stdout = open(os.devnull, "w")
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def shards(items: list, k: int) -> list[list]:
+    """K contiguous shards in order, sizes differing by at most one (K = 1: the whole list)."""
+    bounds = [round(i * len(items) / k) for i in range(k + 1)]
+    return [items[bounds[i]:bounds[i + 1]] for i in range(k)]
+
+
+def my_share(items: list) -> list:
+    """This rank's contiguous slice of a global batch (all of it with one process)."""
+    return shards(items, world_size())[rank()] if world_size() > 1 else items
+
+
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of a tensor (its my_share), concatenated in rank order, on every rank."""
+    if world_size() == 1:
+        return t
+    return torch.cat(gather([t.cpu()])).to(t.device)
+
+
+def gather(items: list) -> list:
+    """Every rank's list (its my_share of something), concatenated in rank order, on every rank."""
+    if world_size() == 1:
+        return items
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+def sum_over_ranks(t: torch.Tensor, op=None) -> torch.Tensor:
+    """All ranks' t summed (or reduced by `op`), in place, on every rank."""
+    if world_size() > 1:
+        on = t.cuda() if dist.get_backend() == "nccl" else t  # nccl reduces GPU tensors only
+        dist.all_reduce(on, op=op or dist.ReduceOp.SUM)
+        t.copy_(on)
+    return t
+
+
+def is_sharded(t) -> bool:
+    return isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (FSDP) tensor's part on this rank; any other tensor itself."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def rank_part(t) -> float:
+    """The share of a tensor's sum that this rank adds, so that sum_over_ranks gives the whole: 1 for
+    its local shard of a sharded tensor, 1/N for a tensor every rank holds whole."""
+    return 1.0 if is_sharded(t) else 1.0 / world_size()
+
+
+def sync_gradients(params: list) -> None:
+    """DDP's gradient sum, for the tensors every rank holds whole (FSDP sums its shards itself)."""
+    whole = [p for p in params if not is_sharded(p) and p.grad is not None]
+    if world_size() == 1 or not whole:
+        return
+    flat = torch._utils._flatten_dense_tensors([p.grad for p in whole])
+    dist.all_reduce(flat)
+    for p, g in zip(whole, torch._utils._unflatten_dense_tensors(flat, [p.grad for p in whole])):
+        p.grad.copy_(g)
+
+
+def lockstep(batches: list, filler) -> list:
+    """On N ranks every rank runs as many passes as the busiest one (FSDP's forward gathers the sharded
+    weights from all ranks at once): a rank with fewer batches adds `filler` batches, whose results the
+    caller drops (and whose losses it multiplies by 0). One process: `batches` as they are."""
+    if world_size() == 1:
+        return batches
+    most = sum_over_ranks(torch.tensor([len(batches)]), dist.ReduceOp.MAX).item()
+    return batches + [filler] * (most - len(batches))
+
+
+@contextlib.contextmanager
+def rank_sampling(device):
+    """Sampling on N ranks: each rank draws from its own generator, seeded from the shared global one
+    (which then advances alike on every rank, so later shuffles stay in step). One process: unchanged."""
+    if world_size() == 1:
+        yield
+        return
+    seed = int(torch.randint(2 ** 62, ()).item()) + rank()
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 # ============================================================================================
@@ -364,17 +496,32 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 def check_finite_weights(model, path) -> None:
-    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    names = [name for name, _ in model.named_parameters()]
+    bad = torch.tensor([not torch.isfinite(local(p)).all() for _, p in model.named_parameters()], dtype=torch.long)
+    bad = [name for name, b in zip(names, sum_over_ranks(bad).tolist()) if b]  # FSDP: any rank's shard
     if bad:
         raise NonFiniteError(f"{path}: not saved: {len(bad)} parameter tensors hold NaN or inf (first: {bad[0]})")
 
 
+def full_state_dict(model) -> dict | None:
+    """FSDP: the whole weights, gathered onto rank 0's CPU (every rank takes part); None otherwise
+    (save_pretrained then reads the model itself)."""
+    if not any(is_sharded(p) for p in model.parameters()):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def save_model(model, tokenizer, path: str | Path) -> None:
     """save_pretrained for model and tokenizer, so AutoModel*/AutoTokenizer.from_pretrained reload it.
-    Written whole or not at all (write_folder); weights that are not all finite are refused."""
+    Written whole or not at all (write_folder); weights that are not all finite are refused. On N ranks
+    rank 0 writes (FSDP's shards gathered first) and the others wait until the folder is there."""
     check_finite_weights(model, path)
+    state_dict = full_state_dict(model)
     quiet_transformers()
-    write_folder(path, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    if is_main():
+        write_folder(path, lambda tmp: (model.save_pretrained(tmp, state_dict=state_dict), tokenizer.save_pretrained(tmp)))
+    barrier()
 
 
 # ============================================================================================
@@ -914,10 +1061,11 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 
 def empirical_fisher(model, examples: list[dict], device, dtype=torch.float32) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher F = mean_i (d log p(y_i|x_i) / d theta)^2, one sample at a time, with
-    the data's own labels. (Squaring the gradient of a batch mean, or using argmax labels, is wrong.)"""
+    the data's own labels. (Squaring the gradient of a batch mean, or using argmax labels, is wrong.)
+    On N ranks (whole models) each squares its share of the samples' gradients, and the sums are added."""
     params = trainable(model)
     fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
-    for example in examples:
+    for example in my_share(examples):
         model.zero_grad(set_to_none=True)
         batch = to_device(collate([example], model.config.pad_token_id), device)
         with autocast(device, dtype):
@@ -927,19 +1075,28 @@ def empirical_fisher(model, examples: list[dict], device, dtype=torch.float32) -
             if p.grad is not None:
                 fisher[name] += p.grad.detach().float() ** 2
     model.zero_grad(set_to_none=True)
+    if world_size() > 1:
+        flat = sum_over_ranks(torch._utils._flatten_dense_tensors(list(fisher.values())))
+        fisher = dict(zip(fisher, torch._utils._unflatten_dense_tensors(flat, list(fisher.values()))))
     return {name: f / len(examples) for name, f in fisher.items()}
 
 
 def ewc_penalty(model, fisher: dict, anchor: dict, lam: float) -> torch.Tensor:
-    """Textbook EWC: (lambda / 2) * sum_j F_j (theta_j - anchor_j)^2."""
+    """Textbook EWC: (lambda / 2) * sum_j F_j (theta_j - anchor_j)^2 (on N ranks, this rank's part: rank_part)."""
     params = trainable(model)
-    return 0.5 * lam * sum(((fisher[n] * (params[n] - anchor[n]) ** 2).sum() for n in fisher), torch.zeros(()))
+    terms = ((fisher[n] * (params[n] - anchor[n]) ** 2).sum() * rank_part(params[n]) for n in fisher)
+    return 0.5 * lam * sum(terms, torch.zeros(()))
 
 
 def drift_importance(before: dict, after: dict, mse_factor: float = 1e10) -> dict[str, float]:
     """HBAT's raw importance of each tensor n: F_n = mean(((theta_after - theta_before) * s)^2),
-    the drift the other objective's most recent stage made (float64: s = 1e10 squares to 1e20)."""
-    return {n: (((after[n].double() - before[n].double()) * mse_factor) ** 2).mean().item() for n in before}
+    the drift the other objective's most recent stage made (float64: s = 1e10 squares to 1e20). Under
+    FSDP each rank squares its shards, and the sums are added over ranks."""
+    if not any(map(is_sharded, after.values())):
+        return {n: (((after[n].double() - before[n].double()) * mse_factor) ** 2).mean().item() for n in before}
+    sums = torch.stack([(((local(after[n]).double() - local(before[n]).double()) * mse_factor) ** 2).sum() * rank_part(after[n])
+                        for n in before])
+    return dict(zip(before, (sum_over_ranks(sums.cpu()) / torch.tensor([after[n].numel() for n in before])).tolist()))
 
 
 def accumulate_importance(previous: dict | None, new: dict) -> dict[str, float]:
@@ -956,9 +1113,11 @@ def softmax_importance(raw: dict) -> dict[str, float]:
 
 def hbat_penalty(model, weights: dict, anchor: dict, lam: float = 1.0, max_weight: float = 100.0) -> torch.Tensor:
     """HBAT's modified EWC: M * sum_n w_n * sum_j (lambda * (theta_nj - anchor_nj))^2.
-    Tensors with w_n == 0 exactly are skipped (they add exactly nothing)."""
+    Tensors with w_n == 0 exactly are skipped (they add exactly nothing). On N ranks, this rank's part
+    (rank_part: its FSDP shards, 1/N of whole tensors), so the parts add up to the penalty."""
     params = trainable(model)
-    terms = [w * ((lam * (params[n] - anchor[n])) ** 2).sum() for n, w in weights.items() if w != 0.0]
+    terms = [w * rank_part(params[n]) * ((lam * (local(params[n]) - local(anchor[n]))) ** 2).sum()
+             for n, w in weights.items() if w != 0.0]
     return max_weight * sum(terms) if terms else torch.zeros((), device=next(iter(params.values())).device)
 
 
@@ -986,10 +1145,23 @@ def check_finite(metrics: dict[str, float], where: str) -> None:
                                  f"learning rate too high, fp16 overflow, an empty response.")
 
 
+def clip_gradients(params: list, max_norm: float) -> float:
+    """torch's clip_grad_norm_ (returns the norm before clipping). With FSDP shards among the tensors, the
+    same formula by hand: the shards' squared norms summed over ranks, plus the whole tensors' once."""
+    if not any(is_sharded(p) for p in params):
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grads = [(local(p.grad), is_sharded(p)) for p in params if p.grad is not None]
+    sharded = sum_over_ranks(sum(((g.float() ** 2).sum() for g, s in grads if s), torch.zeros((), device=grads[0][0].device)))
+    norm = (sharded + sum((g.float() ** 2).sum() for g, s in grads if not s)).sqrt()
+    for g, _ in grads:
+        g.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
+    return norm.item()
+
+
 def optimizer_step(params, optimizer, max_grad_norm: float, where: str = "step") -> float:
     """Clip, then step, unless the gradient norm is not finite (clipping would spread NaN into every
     weight): then stop with NonFiniteError, weights untouched."""
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    grad_norm = clip_gradients(params, max_grad_norm)
     check_finite({"grad_norm": grad_norm}, where)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -1027,15 +1199,17 @@ class LineProgress:
 
 def progress(total: int, desc: str, disable: bool = False):
     """A tqdm bar on a terminal; LineProgress when stderr is a file or a pipe."""
-    if disable or sys.stderr.isatty():
-        return tqdm(total=total, desc=desc, dynamic_ncols=True, disable=disable)
+    if disable or not is_main() or sys.stderr.isatty():
+        return tqdm(total=total, desc=desc, dynamic_ncols=True, disable=disable or not is_main())
     return LineProgress(total, desc)
 
 
 def adamw(params: list, lr: float):
     """AdamW without weight decay, as in the authors' scripts, with torch's fused kernel (CPU and CUDA:
-    the same update to rounding, in one pass over the weights instead of one per operation and tensor)."""
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
+    the same update to rounding, in one pass over the weights instead of one per operation and tensor).
+    FSDP shards and whole tensors go in separate groups (one fused call may not mix them)."""
+    groups = [g for g in ([p for p in params if not is_sharded(p)], [p for p in params if is_sharded(p)]) if g]
+    return torch.optim.AdamW([{"params": g} for g in groups], lr=lr, weight_decay=0.0, fused=True)
 
 
 def set_checkpointing(model, cfg) -> None:
@@ -1050,8 +1224,11 @@ def set_checkpointing(model, cfg) -> None:
 
 def train_epochs(model, examples: list, step_fn: Callable, cfg, *, lr: float, epochs: int, seed: int,
                  desc: str, log: Callable | None = None, penalty: Callable | None = None) -> None:
-    """The loop every supervised stage shares. step_fn(micro_batches) runs forward and backward on
-    each micro-batch (normalised over the whole accumulated batch) and returns {name: 0-dim tensor}."""
+    """The loop every supervised stage shares. step_fn(micro_batches, batch, scale=1.0) runs forward and
+    backward on each micro-batch (this rank's share of `batch`), its loss normalised over the whole of
+    `batch` and times `scale`, and returns {name: 0-dim tensor}: its share of each metric. (FSDP runs
+    scale-0 filler micro-batches on a rank with fewer: see lockstep.) The penalty's backward comes
+    before the gradient sum over ranks, each rank adding its part of it (hbat_penalty)."""
     params = [p for p in model.parameters() if p.requires_grad]
     set_checkpointing(model, cfg)
     optimizer = adamw(params, lr)
@@ -1064,13 +1241,19 @@ def train_epochs(model, examples: list, step_fn: Callable, cfg, *, lr: float, ep
             order = torch.randperm(len(examples), generator=order_rng).tolist()
             for start in range(0, len(order), cfg.batch_size):
                 batch = [examples[i] for i in order[start:start + cfg.batch_size]]
-                metrics = step_fn(chunks(batch, cfg.grad_accum_steps))
+                mine = my_share(batch)
+                micro = chunks(mine, cfg.grad_accum_steps) if mine else []
+                fillers = lockstep(micro, batch[:1])[len(micro):]
+                metrics = step_fn(micro, batch)
+                if fillers:
+                    step_fn(fillers, batch, 0.0)
                 if penalty is not None:
                     ewc = penalty()
                     if ewc.requires_grad:  # an all-zero penalty (every weight 0) has nothing to add
                         ewc.backward()
                     metrics["loss/ewc"] = ewc.detach()
-                values = dict(zip(metrics, torch.stack([v.float() for v in metrics.values()]).tolist()))
+                sync_gradients(params)
+                values = dict(zip(metrics, sum_over_ranks(torch.stack([v.float() for v in metrics.values()])).tolist()))
                 where = f"{desc}, epoch {epoch + 1}, step {bar.n + 1}"
                 check_finite(values, where)
                 values["grad_norm"] = optimizer_step(params, optimizer, cfg.max_grad_norm, where)
@@ -1086,15 +1269,14 @@ def train_sft(model, examples: list, cfg, *, device, dtype, seed: int, desc: str
     accumulated batch (not a mean of micro-batch means)."""
     pad_id = model.config.pad_token_id
 
-    def step(micro_batches):
-        batches = [collate(m, pad_id) for m in micro_batches]
-        n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    def step(micro_batches, whole_batch, scale=1.0):
+        n_tokens = sum(response_tokens(e) for e in whole_batch)
         total = torch.zeros((), device=device)
-        for batch in batches:
-            batch = to_device(batch, device)
+        for examples_ in micro_batches:
+            batch = to_device(collate(examples_, pad_id), device)
             with autocast(device, dtype):
                 logps, _ = token_logps(model, batch)
-            loss = -logps.sum() / n_tokens
+            loss = -logps.sum() / n_tokens * scale
             loss.backward()
             total += loss.detach()
         return {"loss/sft": total}
@@ -1102,24 +1284,78 @@ def train_sft(model, examples: list, cfg, *, device, dtype, seed: int, desc: str
     train_epochs(model, examples, step, cfg, lr=cfg.sft_lr, epochs=cfg.sft_epochs, seed=seed, desc=desc, log=log, penalty=penalty)
 
 
+def response_tokens(example: dict) -> int:
+    """Tokens an example's loss is taken over: labelled positions after the first (the first token is
+    never predicted)."""
+    return sum(label != IGNORE_INDEX for label in example["labels"][1:])
+
+
+def place(model, cfg, device):
+    """A model on its device, and with --fsdp, sharded: FSDP2's fully_shard on each transformer layer
+    (the model's _no_split_modules: LlamaDecoderLayer, ...), with the layers' weights in the compute
+    dtype inside the forward (bf16 on GPU) and gradients summed in float32. The rest stays whole."""
+    model.to(device)
+    return shard(model, pick_dtype(cfg.dtype, device)) if cfg.fsdp else model
+
+
+def shard(model, dtype):
+    """fully_shard on each transformer layer, then on the transformer body as their root (so a layer
+    frees its gathered weights after its forward), the body's own weights (embeddings, final norm) left
+    whole like the output layer: token_logps and the scalar heads read those directly."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    layers = [m for m in model.modules() if type(m).__name__ in (getattr(model, "_no_split_modules", None) or [])]
+    if not layers:
+        raise ConfigError(f"--fsdp: {type(model).__name__} names no transformer layer class (_no_split_modules) to shard")
+    model.fsdp_dtype = dtype
+    for layer in layers:
+        fully_shard(layer, mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32))
+        layer.set_gradient_divide_factor(1.0)  # each rank's loss is already divided by the global count: sum
+        layer.set_force_sum_reduction_for_comms(True)  # (gloo has no pre-scaled sum)
+    body = getattr(model, model.base_model_prefix)
+    in_layers = {p for layer in layers for p in layer.parameters()}
+    fully_shard(body, ignored_params={p for p in body.parameters() if p not in in_layers})
+    return model
+
+
+def clone_model(model):
+    """copy.deepcopy, also of an FSDP-sharded model (which deepcopy refuses): the same class built on
+    the meta device, sharded alike, then this rank's shards, the whole tensors and the buffers copied."""
+    if not any(is_sharded(p) for p in model.parameters()):
+        return copy.deepcopy(model)
+    with torch.device("meta"):
+        twin = type(model)(copy.deepcopy(model.config))
+    shard(twin, model.fsdp_dtype).to_empty(device=next(model.parameters()).device)
+    twin.tie_weights()  # to_empty made new tensors, untying a tied output layer
+    with torch.no_grad():
+        for (name, p), (_, twin_p) in zip(model.named_parameters(), twin.named_parameters(), strict=True):
+            local(twin_p).copy_(local(p))
+            twin_p.requires_grad_(p.requires_grad)
+        for (_, b), (_, twin_b) in zip(model.named_buffers(), twin.named_buffers(), strict=True):
+            twin_b.copy_(b)
+    if hasattr(model, "generation_config"):
+        twin.generation_config = copy.deepcopy(model.generation_config)
+    return twin.train(model.training)
+
+
 def frozen_copy(model):
     """A frozen copy (no gradients, eval mode): a DPO or PPO reference."""
-    return copy.deepcopy(model).requires_grad_(False).eval()
+    return clone_model(model).requires_grad_(False).eval()
 
 
 @torch.no_grad()
 def with_reference_logps(reference, pairs: list[dict], cfg, *, device, dtype) -> list[dict]:
     """Copies of the pairs with "ref_logps": (chosen, rejected) summed log-probs under `reference`, in
-    eval mode, --batch_size / --grad_accum_steps pairs per forward (training's micro-batch)."""
+    eval mode, --batch_size / --grad_accum_steps pairs per forward (training's micro-batch); each rank
+    computes its share of the pairs, and every rank gets them all."""
     was_training, pad_id = reference.training, reference.config.pad_token_id
     reference.eval()
-    out = []
-    for chunk in micro_batches(pairs, math.ceil(cfg.batch_size / cfg.grad_accum_steps)):
+    mine, logps = my_share(pairs), []
+    for chunk in lockstep(micro_batches(mine, math.ceil(cfg.batch_size / cfg.grad_accum_steps)), pairs[:1]):
         with autocast(device, dtype):
             chosen, rejected = concatenated_logps(reference, to_device(collate_pairs(chunk, pad_id), device))
-        out += [{**p, "ref_logps": (c, r)} for p, c, r in zip(chunk, chosen.tolist(), rejected.tolist())]
+        logps += zip(chosen.tolist(), rejected.tolist())
     reference.train(was_training)
-    return out
+    return [{**p, "ref_logps": r} for p, r in zip(pairs, gather(logps[:len(mine)]))]
 
 
 def train_dpo(policy, examples: list, cfg, *, device, dtype, seed: int, desc: str = "dpo", log=None, penalty=None):
@@ -1136,9 +1372,12 @@ def train_dpo(policy, examples: list, cfg, *, device, dtype, seed: int, desc: st
         else:
             reference = frozen_copy(policy)
 
-    def step(micro_batches):
-        n_pairs = sum(map(len, micro_batches))
-        sums = {}
+    names = ("loss/dpo", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+             "logps/chosen", "logps/rejected")
+
+    def step(micro_batches, whole_batch, scale=1.0):
+        n_pairs = len(whole_batch)
+        sums = dict.fromkeys(names, torch.zeros((), device=device))
         for pairs in micro_batches:
             batch = to_device(collate_pairs(pairs, pad_id), device)
             weights = torch.tensor([p["weight"] for p in pairs], device=device) if "weight" in pairs[0] else None
@@ -1152,12 +1391,10 @@ def train_dpo(policy, examples: list, cfg, *, device, dtype, seed: int, desc: st
             losses, chosen_rewards, rejected_rewards = dpo_loss(
                 policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                 beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, weights=weights)
-            (losses.sum() / n_pairs).backward()
-            for name, value in {"loss/dpo": losses.detach(), "rewards/chosen": chosen_rewards,
-                                "rewards/rejected": rejected_rewards, "rewards/margins": chosen_rewards - rejected_rewards,
-                                "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
-                                "logps/chosen": policy_chosen_logps.detach(), "logps/rejected": policy_rejected_logps.detach()}.items():
-                sums[name] = sums.get(name, 0) + value.sum() / n_pairs
+            (losses.sum() / n_pairs * scale).backward()
+            values = (losses.detach(), chosen_rewards, rejected_rewards, chosen_rewards - rejected_rewards,
+                      (chosen_rewards > rejected_rewards).float(), policy_chosen_logps.detach(), policy_rejected_logps.detach())
+            sums = {name: sums[name] + value.sum() / n_pairs for name, value in zip(names, values)}
         return sums
 
     train_epochs(policy, examples, step, cfg, lr=cfg.pref_lr, epochs=cfg.pref_epochs, seed=seed, desc=desc, log=log, penalty=penalty)
@@ -1167,15 +1404,15 @@ def train_reward_model(reward_model, examples: list, cfg, *, device, dtype, seed
     """Bradley-Terry reward model on the preference pairs: -log sigmoid(r(x, y_w) - r(x, y_l))."""
     pad_id = reward_model.config.pad_token_id
 
-    def step(micro_batches):
-        n_pairs = sum(map(len, micro_batches))
+    def step(micro_batches, whole_batch, scale=1.0):
+        n_pairs = len(whole_batch)
         loss_sum, accuracy_sum = torch.zeros((), device=device), torch.zeros((), device=device)
         for pairs in micro_batches:
             batch = to_device(collate_pairs(pairs, pad_id), device)
             with autocast(device, dtype):
                 scores = sequence_scores(reward_model, batch["input_ids"], batch["attention_mask"])
             chosen_scores, rejected_scores = scores[: len(pairs)], scores[len(pairs):]
-            loss = bradley_terry_loss(chosen_scores, rejected_scores).sum() / n_pairs
+            loss = bradley_terry_loss(chosen_scores, rejected_scores).sum() / n_pairs * scale
             loss.backward()
             loss_sum += loss.detach()
             accuracy_sum += (chosen_scores > rejected_scores).float().sum().detach() / n_pairs
@@ -1233,13 +1470,13 @@ def ppo_step(policy, ref_model, reward_model, value_model, prompts: list[list[in
                          temperature=cfg.temperature)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in rollout_batch(prompts, responses, pad_id).items()}
     mask = (batch["labels"][:, batch["query_width"]:] != IGNORE_INDEX).float()
-    scored = []  # no gradients, so no activations kept: scored in generation batches
+    scored, mine = [], my_share(list(range(len(prompts))))  # no gradients, no activations kept: generation batches
     with torch.no_grad(), autocast(device, dtype):
-        for rows in micro_batches(list(range(len(prompts))), cfg.eval_batch_size):
+        for rows in lockstep(micro_batches(mine, cfg.eval_batch_size), [0]):
             sub = select(batch, rows)
             scored.append((response_logps(policy, sub, cfg.temperature), response_logps(ref_model, sub, cfg.temperature),
                            response_values(value_model, sub), sequence_scores(reward_model, sub["input_ids"], sub["attention_mask"])))
-    old_logps, ref_logps, old_values, scores = (torch.cat(parts) for parts in zip(*scored))
+    old_logps, ref_logps, old_values, scores = (gather_rows(torch.cat(parts)[:len(mine)]) for parts in zip(*scored))
     rewards = ppo_rewards(scores, old_logps, ref_logps, mask, cfg.kl_coef)
     advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
     advantages = masked_whiten(advantages, mask)
@@ -1253,8 +1490,9 @@ def ppo_step(policy, ref_model, reward_model, value_model, prompts: list[list[in
         for minibatch in chunks(torch.randperm(len(prompts)).tolist(), cfg.ppo_minibatches):
             n_tokens = mask[minibatch].sum()
             totals = torch.zeros(3, device=device)  # policy loss, value loss, clipped fraction: minibatch means
-            for rows in micro_batches(minibatch, cfg.ppo_micro_batch_size):
-                sub, share = select(batch, rows), mask[rows].sum() / n_tokens
+            mine = micro_batches(my_share(minibatch), cfg.ppo_micro_batch_size)
+            for i, rows in enumerate(lockstep(mine, minibatch[:1])):
+                sub, share = select(batch, rows), mask[rows].sum() / n_tokens * (1.0 if i < len(mine) else 0.0)
                 with autocast(device, dtype):
                     logps = response_logps(policy, sub, cfg.temperature)
                 policy_loss, clipfrac = ppo_policy_loss(logps, old_logps[rows], advantages[rows], mask[rows], cfg.clip)
@@ -1267,11 +1505,11 @@ def ppo_step(policy, ref_model, reward_model, value_model, prompts: list[list[in
             ewc = penalty() if penalty is not None else torch.zeros((), device=device)
             if ewc.requires_grad:
                 ewc.backward()
-            step_values = dict(zip(sums, torch.cat([totals, ewc.detach().reshape(1)]).tolist()))
+            sync_gradients(policy_params), sync_gradients(value_params)
+            step_values = dict(zip(sums, sum_over_ranks(torch.cat([totals, ewc.detach().reshape(1)])).tolist()))
             check_finite(step_values, "ppo step")
             # both gradient norms are checked before either model steps, so a failure leaves both untouched
-            policy_norm = float(torch.nn.utils.clip_grad_norm_(policy_params, cfg.max_grad_norm))
-            value_norm = float(torch.nn.utils.clip_grad_norm_(value_params, cfg.max_grad_norm))
+            policy_norm, value_norm = clip_gradients(policy_params, cfg.max_grad_norm), clip_gradients(value_params, cfg.max_grad_norm)
             check_finite({"grad_norm/policy": policy_norm, "grad_norm/value": value_norm}, "ppo step")
             for optimizer in (policy_optimizer, value_optimizer):
                 optimizer.step()
@@ -1317,27 +1555,29 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
              device, dtype=torch.float32, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              desc: str | None = None) -> list[list[int]]:
     """Batched generation with left-padded prompts and the KV cache. Each response is cut after its
-    first EOS (kept, so it is scored and trained on like a data response)."""
+    first EOS (kept, so it is scored and trained on like a data response). On N ranks each generates
+    its share of the prompts (sampling from its own seed: rank_sampling) and every rank gets them all."""
     from transformers import GenerationConfig
 
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
     config = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, **sampling)
     was_training = model.training
     model.eval()
-    responses = []
-    starts = range(0, len(prompts), batch_size)
-    with progress(len(starts), desc or "generate", disable=desc is None or len(starts) < 2) as bar:
-        for start in starts:
-            chunk = prompts[start:start + batch_size]
+    responses, mine = [], my_share(prompts)
+    batches = micro_batches(mine, batch_size)
+    synced = any(is_sharded(p) for p in model.parameters())  # FSDP: ranks that finish early keep stepping with the rest
+    with progress(len(batches), desc or "generate", disable=desc is None or len(batches) < 2) as bar, rank_sampling(device):
+        for chunk in lockstep(batches, prompts[:1]):
             input_ids = pad(chunk, pad_id, "left").to(device)
             attention_mask = pad([[1] * len(p) for p in chunk], 0, "left").to(device)
             with autocast(device, dtype):
-                out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+                out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                     synced_gpus=synced)
             for row in out[:, input_ids.shape[1]:].tolist():
                 responses.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
             bar.update()
     model.train(was_training)
-    return responses
+    return gather(responses[:len(mine)])
 
 
 def rouge_l_f1(prediction: str, reference: str) -> float:
@@ -1444,6 +1684,7 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-batches per optimizer step (same update, less memory)
     gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~1/3 more compute
     precompute_ref_logps: bool = False  # DPO: the reference's log-probs computed once before training; no reference model held
+    fsdp: bool = False  # under torchrun: shard each transformer layer over the processes with FSDP2 (default: DDP, whole models)
     sft_epochs: int = 3  # passes over the SFT data (3 per stage in the HBAT authors' script)
     sft_lr: float = 1e-3  # SFT learning rate (tiny model; ~2e-5 for a real one)
     pref_epochs: int = 1  # passes over the preference data (DPO pairs or PPO prompts)
@@ -1565,6 +1806,8 @@ def check_config(cfg, need_pref: bool = True, problems: list[str] | None = None)
         problems.append("the built-in task needs --n_sft and --n_pref of at least 1 (0 means 'all rows' of a file)")
     if cfg.resume and cfg.overwrite:
         problems.append("--resume continues the run in --output_dir and --overwrite replaces it; give one")
+    if cfg.fsdp and not dist.is_initialized():
+        problems.append("--fsdp shards the models over torchrun's processes: run torchrun --nproc_per_node N script.py --fsdp ...")
     if not problems:  # the device, then the folder: only worth checking once the flags themselves are right
         try:
             pick_dtype(cfg.dtype, pick_device(cfg.device))
@@ -1576,16 +1819,20 @@ def check_config(cfg, need_pref: bool = True, problems: list[str] | None = None)
 
 
 def cli(main: Callable, config_cls) -> None:
-    """Every script's entry point: flags -> config -> main(config). A UserError (a bad flag, file or row,
+    """Every script's entry point: flags -> config -> (under torchrun, join the process group) ->
+    main(config). A UserError (a bad flag, file or row,
     or a run stopped by a non-finite value) prints its message alone, with no traceback, and exits 2 for
     bad input, 1 for a stopped run; --debug or ALIGN_DEBUG=1 shows the traceback instead."""
     debug = "--debug" in sys.argv[1:] or os.environ.get("ALIGN_DEBUG", "0") not in ("", "0")
     try:
-        main(parse_config(config_cls))
+        cfg = parse_config(config_cls)
+        init_distributed(cfg)  # under torchrun; see "More than one process"
+        main(cfg)
     except UserError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        if is_main():  # every rank meets the same bad input: one message
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(1 if isinstance(e, NonFiniteError) else 2)
     except KeyboardInterrupt:
         if debug:
@@ -1598,6 +1845,9 @@ def cli(main: Callable, config_cls) -> None:
         print("error: out of GPU memory; lower --batch_size (or raise --grad_accum_steps), --eval_batch_size, "
               "--ppo_batch_size or --max_length", file=sys.stderr)
         sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # ============================================================================================
@@ -1700,10 +1950,13 @@ def start_output(cfg, fresh: bool) -> Path:
     if fresh and cfg.resume and out.is_dir() and run_files(out):
         raise ConfigError(f"--resume: no checkpoint in {out} to continue, but it holds another run's files "
                           f"({', '.join(run_files(out))}); pass --overwrite instead to replace them")
-    out.mkdir(parents=True, exist_ok=True)
-    for name in run_files(out) if fresh else [n for n in run_files(out) if n.endswith(".tmp") or n == "results.json"]:
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    barrier()  # every rank has looked at the folder before rank 0 changes it
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        for name in run_files(out) if fresh else [n for n in run_files(out) if n.endswith(".tmp") or n == "results.json"]:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    barrier()
     return out
 
 
@@ -1733,15 +1986,19 @@ def to_json(obj, where: str, indent: int | None = 1) -> str:
 
 def write_json(path, obj) -> None:
     """A JSON file written whole (temporary name, then renamed) and finite."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(to_json(obj, str(path)))
-    os.replace(tmp, path)
+    path, text = Path(path), to_json(obj, str(path))
+    if is_main():  # on N ranks, rank 0 writes
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 def open_log(out: Path, keep_lines: int = 0) -> Callable[[dict], None]:
     """log(record) appends one JSON line to out/metrics.jsonl. The file is first cut to its first
-    `keep_lines` lines: 0 for a fresh run, a checkpoint's count on --resume (so no step is logged twice)."""
+    `keep_lines` lines: 0 for a fresh run, a checkpoint's count on --resume (so no step is logged twice).
+    On N ranks, rank 0 logs (every rank holds the same summed metrics)."""
+    if not is_main():
+        return lambda record: None
     path = out / "metrics.jsonl"
     lines = path.read_text().splitlines(keepends=True)[:keep_lines] if keep_lines and path.exists() else []
     path.write_text("".join(lines))
@@ -1774,12 +2031,14 @@ def save_checkpoint(out: Path, cfg, state: dict, model=None, tokenizer=None, ext
     state = {**state, "config": dataclasses.asdict(cfg),
              "metrics_lines": len(path.read_text().splitlines()) if path.exists() else 0}
 
+    state_dict = None
     if model is not None:
         check_finite_weights(model, out / "checkpoint")
+        state_dict = full_state_dict(model)
 
     def fill(tmp: Path) -> None:
         if model is not None:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
         (tmp / "state.json").write_text(to_json(state, str(out / "checkpoint" / "state.json")))
         torch.save(rng_state(), tmp / "rng.pt")
@@ -1787,7 +2046,9 @@ def save_checkpoint(out: Path, cfg, state: dict, model=None, tokenizer=None, ext
             torch.save(extra, tmp / "extra.pt")
 
     quiet_transformers()
-    write_folder(out / "checkpoint", fill)
+    if is_main():  # on N ranks rank 0 writes (the RNG state is the same on every rank), the others wait
+        write_folder(out / "checkpoint", fill)
+    barrier()
 
 
 def load_checkpoint(out: Path, cfg) -> dict | None:

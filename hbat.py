@@ -18,10 +18,10 @@ modified EWC penalty of the authors' released code (../shared/METHODS.md section
     python hbat.py --pref ppo              # ... with a reward model and PPO
     python hbat.py --compare               # ... and the two-stage baseline on the same seed, side by side
     python hbat.py --ewc none|fisher|freeze|random    # ablations
+    torchrun --nproc_per_node N hbat.py ...           # N processes: DDP, or --fsdp to shard the models
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import shutil
@@ -58,19 +58,14 @@ def check(cfg: Config) -> None:
     if cfg.compare and cfg.pref == "ppo" and cfg.sft_data and not cfg.reward_model:
         problems.append("--compare --pref ppo on real data needs --reward_model: each run's own reward model "
                         "would score it, and the scores would not be comparable")
+    if cfg.fsdp and cfg.ewc == "fisher":  # its per-sample gradients would be summed over ranks by FSDP's backward
+        problems.append("--ewc fisher needs whole models: run it under torchrun without --fsdp")
     C.check_config(cfg, problems=problems)
 
 
 # ============================================================================================
 # Shards and stages
 # ============================================================================================
-
-
-def shards(items: list, k: int) -> list[list]:
-    """K contiguous shards in file order, sizes differing by at most one (K = 1: the whole list, in
-    order, so one round is exactly the two-stage baseline)."""
-    bounds = [round(i * len(items) / k) for i in range(k + 1)]
-    return [items[bounds[i]:bounds[i + 1]] for i in range(k)]
 
 
 def stage_list(rounds: int) -> list[tuple[int, str]]:
@@ -144,7 +139,7 @@ def train_stage(cfg: Config, kind: str, policy, shard: list, reward_model, *, pe
     if cfg.pref == "dpo":  # train_dpo's reference is the policy at its start
         C.train_dpo(policy, shard, cfg, device=device, dtype=dtype, seed=seed, desc=name, log=log, penalty=penalty)
     else:
-        value_model = copy.deepcopy(reward_model).requires_grad_(True)  # a fresh critic from the reward model
+        value_model = C.clone_model(reward_model).requires_grad_(True)  # a fresh critic from the reward model
         C.train_ppo(policy, C.frozen_copy(policy), reward_model, value_model, [p["prompt_ids"] for p in shard], cfg,
                     device=device, dtype=dtype, seed=seed, desc=name, log=log, penalty=penalty)
 
@@ -154,8 +149,11 @@ def reward_model_from(policy, tokenizer, data: dict, cfg: Config, out: Path, log
     1's SFT stage (for K = 1, the baseline's SFT model); every PPO stage reuses it."""
     staging = out / "reward_model.tmp"  # the policy on disk, read back with a fresh head; a leftover is cleared like any .tmp
     C.save_model(policy, tokenizer, staging)
-    reward_model = C.load_reward_model(str(staging), tokenizer, cfg.trust_remote_code, flag="", new_head=True).to(device)
-    shutil.rmtree(staging)
+    reward_model = C.load_reward_model(str(staging), tokenizer, cfg.trust_remote_code, flag="", new_head=True)
+    C.place(reward_model, cfg, device)
+    C.barrier()  # every rank has read it
+    if C.is_main():
+        shutil.rmtree(staging)
     C.train_reward_model(reward_model, data["pref"], cfg, device=device, dtype=dtype, seed=cfg.seed, log=log)
     C.save_model(reward_model, tokenizer, out / "reward_model")
     return reward_model.requires_grad_(False)
@@ -186,12 +184,12 @@ def run(cfg: Config, data: dict, out: Path, checkpoint: dict | None, judge=None,
     elif cfg.resume:
         print(f"--resume: no checkpoint in {out}; starting from the beginning")
     log = C.open_log(out, checkpoint["metrics_lines"] if checkpoint else 0)
-    policy.to(device)
-    sft_shards, pref_shards = shards(data["sft"], cfg.rounds), shards(data["pref"], cfg.rounds)
+    C.place(policy, cfg, device)
+    sft_shards, pref_shards = C.shards(data["sft"], cfg.rounds), C.shards(data["pref"], cfg.rounds)
     reward_model = None
     if cfg.pref == "ppo" and state["next_stage"] > 0:  # resumed after the reward model was trained
         reward_model = C.load_reward_model(str(out / "reward_model"), tokenizer, cfg.trust_remote_code, flag="")
-        reward_model.to(device).requires_grad_(False)
+        C.place(reward_model, cfg, device).requires_grad_(False)
     if checkpoint:  # last, after every model is loaded: the rest of the run draws what it would have
         C.restore_rng(checkpoint["rng"])
 
@@ -257,7 +255,7 @@ def main(cfg: Config) -> dict:
                             f"{len(data['pref'])} preference pairs)")
     judge = C.load_reward_model(cfg.reward_model, tokenizer, cfg.trust_remote_code) if cfg.reward_model else None
     if judge is not None:
-        judge.to(C.pick_device(cfg.device))
+        C.place(judge, cfg, C.pick_device(cfg.device))
     C.start_output(cfg, fresh=not any(states))
     print(f"{len(data['sft'])} SFT rows and {len(data['pref'])} preference pairs in {cfg.rounds} shards each, "
           f"{len(data['test'])} test prompts; HBAT with {cfg.pref}, --ewc {cfg.ewc}")

@@ -19,10 +19,10 @@ this project's decisions (../shared/METHODS.md section 3), each a flag below.
     python ld_align.py                  # built-in task, tiny model: SFT, then 3 LD-Align iterations (CPU)
     python ld_align.py --compare        # and the uniform-weight ablation (SPIN) from the same SFT model
     python ld_align.py --model DIR --sft_data FILE --pref_lr 5e-7   # real data: --model is already SFT'd
+    torchrun --nproc_per_node N ld_align.py ...                      # N processes: DDP, or --fsdp to shard the models
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,28 +113,33 @@ class GuideModel(nn.Module):
         return F.cross_entropy(logits.float(), ids[response])
 
 
-def guide_batches(seqs: list[dict], batch_size: int, pad_id: int, device, order=None):
-    order = range(len(seqs)) if order is None else order
-    for start in range(0, len(seqs), batch_size):
-        yield C.to_device(C.collate([seqs[i] for i in order[start:start + batch_size]], pad_id), device)
-
-
 def train_guide(guide: GuideModel, optimizer, seqs: list[dict], cfg, *, pad_id: int, seed: int, device, log=None,
                 desc: str = "guide") -> float:
-    """`guide_epochs` passes of L_rec over seqs (gold and generated responses). Returns the last epoch's mean loss."""
+    """`guide_epochs` passes of L_rec over seqs (gold and generated responses). Returns the last epoch's
+    mean loss. On N ranks each takes its share of a batch, its loss weighted by its share of the tokens."""
     guide.train()
-    order_rng = torch.Generator().manual_seed(seed)
+    order_rng, params = torch.Generator().manual_seed(seed), list(guide.parameters())
     for epoch in range(cfg.guide_epochs):
         order, losses = torch.randperm(len(seqs), generator=order_rng).tolist(), []
-        for batch in guide_batches(seqs, cfg.batch_size, pad_id, device, order):
-            loss = guide.reconstruction_loss(batch)
-            C.check_finite({"loss/guide": loss.item()}, f"{desc}, epoch {epoch + 1}, step {len(losses) + 1}")
+        for start in range(0, len(order), cfg.batch_size):
+            whole = [seqs[i] for i in order[start:start + cfg.batch_size]]
+            mine = C.my_share(whole)
+            part = mine or whole[:1]  # (a rank with no rows runs a zero-weighted one, so every rank has gradients)
+            share = sum(map(response_length, mine)) / sum(map(response_length, whole))  # 1.0 with one process
+            loss = guide.reconstruction_loss(C.to_device(C.collate(part, pad_id), device)) * share
             loss.backward()
-            C.optimizer_step(list(guide.parameters()), optimizer, cfg.max_grad_norm, f"{desc}, epoch {epoch + 1}")
-            losses.append(loss.item())
+            loss_value = C.sum_over_ranks(loss.detach()).item()
+            C.check_finite({"loss/guide": loss_value}, f"{desc}, epoch {epoch + 1}, step {len(losses) + 1}")
+            C.sync_gradients(params)
+            C.optimizer_step(params, optimizer, cfg.max_grad_norm, f"{desc}, epoch {epoch + 1}")
+            losses.append(loss_value)
         if log is not None:
             log({"stage": desc, "epoch": epoch + 1, "loss/guide": sum(losses) / len(losses)})
     return sum(losses) / len(losses)
+
+
+def response_length(seq: dict) -> int:
+    return sum(label != C.IGNORE_INDEX for label in seq["labels"])
 
 
 @torch.no_grad()
@@ -267,13 +272,15 @@ def main(cfg: Config) -> dict:
     start_from = str(out / "sft") if checkpoint and run_sft else cfg.model
     policy, tokenizer = C.load_model_and_tokenizer(start_from, cfg.trust_remote_code, cfg.seed)
     data = C.load_data(cfg, tokenizer, need_pref=False)  # raises on bad rows before anything is trained or written
-    judge = C.load_reward_model(cfg.reward_model, tokenizer, cfg.trust_remote_code).to(device) if cfg.reward_model else None
+    judge = C.load_reward_model(cfg.reward_model, tokenizer, cfg.trust_remote_code) if cfg.reward_model else None
     resumed_policy = None  # the policy of an arm stopped mid-way
     if checkpoint and checkpoint["iteration"] > 0:
-        resumed_policy = C.load_model_and_tokenizer(str(checkpoint["folder"]), cfg.trust_remote_code)[0].to(device)
+        resumed_policy = C.load_model_and_tokenizer(str(checkpoint["folder"]), cfg.trust_remote_code)[0]
     C.start_output(cfg, fresh=checkpoint is None)
     log = C.open_log(out, checkpoint["metrics_lines"] if checkpoint else 0)
-    policy.to(device)
+    for model in (policy, judge, resumed_policy):  # on the device; with --fsdp, sharded
+        if model is not None:
+            C.place(model, cfg, device)
     print(f"{len(data['sft'])} SFT rows, {len(data['test'])} test prompts; model {cfg.model} "
           f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters) on {device}, {dtype}")
     if checkpoint:
@@ -305,7 +312,7 @@ def main(cfg: Config) -> dict:
         if resumed:
             arm_policy = resumed_policy
         else:  # every arm starts from the same weights (the last one may take the starting model itself)
-            arm_policy = copy.deepcopy(policy) if i < len(arms) - 1 else policy
+            arm_policy = C.clone_model(policy) if i < len(arms) - 1 else policy
         self_play(name, weighting, arm_policy, tokenizer, data, cfg, state=state, checkpoint=resumed, out=out,
                   device=device, dtype=dtype, score_fn=score_fn, log=log)
         C.save_model(arm_policy, tokenizer, final_dirs[i])

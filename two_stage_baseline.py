@@ -10,10 +10,10 @@ Stage 2, human preference, one of
 
     python two_stage_baseline.py                      # built-in task, tiny model, SFT then DPO (CPU, ~2 min)
     python two_stage_baseline.py --pref ppo           # SFT then reward model then PPO
+    torchrun --nproc_per_node N two_stage_baseline.py ...   # N processes: DDP, or --fsdp to shard the models
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,13 +39,15 @@ def main(cfg: Config) -> dict:
     C.seed_everything(cfg.seed)
     policy, tokenizer = C.load_model_and_tokenizer(str(out / "sft") if state else cfg.model, cfg.trust_remote_code, cfg.seed)
     data = C.load_data(cfg, tokenizer)  # raises on bad rows before anything is trained or written
-    judge = C.load_reward_model(cfg.reward_model, tokenizer, cfg.trust_remote_code).to(device) if cfg.reward_model else None
+    judge = C.load_reward_model(cfg.reward_model, tokenizer, cfg.trust_remote_code) if cfg.reward_model else None
     reward_model = None
     if next_stage == 2 and cfg.pref == "ppo":
-        reward_model = C.load_reward_model(str(out / "reward_model"), tokenizer, cfg.trust_remote_code, flag="").to(device)
+        reward_model = C.load_reward_model(str(out / "reward_model"), tokenizer, cfg.trust_remote_code, flag="")
     C.start_output(cfg, fresh=state is None)
     log = C.open_log(out, state["metrics_lines"] if state else 0)
-    policy.to(device)
+    for model in (policy, judge, reward_model):  # on the device; with --fsdp, sharded
+        if model is not None:
+            C.place(model, cfg, device)
     print(f"{len(data['sft'])} SFT rows, {len(data['pref'])} preference pairs, {len(data['test'])} test prompts; "
           f"model {cfg.model} ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters) on {device}, {dtype}")
     if cfg.resume:
@@ -62,7 +64,8 @@ def main(cfg: Config) -> dict:
 
     if next_stage < 2:
         if cfg.pref == "ppo":  # the reward model starts from the SFT model, as in InstructGPT
-            reward_model = C.load_reward_model(str(out / "sft"), tokenizer, cfg.trust_remote_code, flag="", new_head=True).to(device)
+            reward_model = C.load_reward_model(str(out / "sft"), tokenizer, cfg.trust_remote_code, flag="", new_head=True)
+            C.place(reward_model, cfg, device)
             C.train_reward_model(reward_model, data["pref"], cfg, device=device, dtype=dtype, seed=cfg.seed, log=log)
             C.save_model(reward_model, tokenizer, out / "reward_model")
     score_fn, score_name = C.preference_scorer(data["builtin"], reward_model if judge is None else judge,
@@ -79,7 +82,7 @@ def main(cfg: Config) -> dict:
     if cfg.pref == "dpo":  # the reference: the SFT model, frozen (train_dpo: the policy at its start)
         C.train_dpo(policy, data["pref"], cfg, device=device, dtype=dtype, seed=cfg.seed + 1, log=log)
     else:
-        value_model = copy.deepcopy(reward_model)  # critic initialised from the reward model
+        value_model = C.clone_model(reward_model)  # critic initialised from the reward model
         reward_model.requires_grad_(False)
         C.train_ppo(policy, C.frozen_copy(policy), reward_model, value_model, [p["prompt_ids"] for p in data["pref"]], cfg,
                     device=device, dtype=dtype, seed=cfg.seed + 1, log=log)

@@ -98,6 +98,7 @@ CASES = [
     ("not_an_int", BASELINE, ["--batch_size", "abc"], ["argument --batch_size: invalid int value: 'abc'"], False),
     ("unknown_flag", BASELINE, ["--bogus", "1"], ["unrecognized arguments: --bogus 1"], SUB),
     ("resume_and_overwrite", BASELINE, ["--resume", "--overwrite", "--output_dir", "{out}"], ["give one"], False),
+    ("fsdp_without_torchrun", BASELINE, ["--fsdp"], ["--fsdp shards the models over torchrun's processes"], False),
     # models
     ("model_missing_folder", BASELINE, ["--model", "/missing/dir"], ["--model /missing/dir: no such folder"], SUB),
     ("model_folder_not_a_model", BASELINE, ["--model", "{data}"], ["--model {data}: not a Hugging Face model folder"], False),

@@ -38,14 +38,6 @@ def assert_same_weights(a: dict, b: dict):
 # ------------------------------------------------------------------------------- pure helpers
 
 
-def test_shards_are_contiguous_and_balanced():
-    items = list(range(11))
-    parts = hbat.shards(items, 3)
-    assert [len(p) for p in parts] in ([4, 3, 4], [3, 4, 4], [4, 4, 3])
-    assert sum(parts, []) == items
-    assert hbat.shards(items, 1) == [items]
-
-
 def test_stage_list_alternates_sft_then_preference():
     assert hbat.stage_list(2) == [(1, "sft"), (1, "pref"), (2, "sft"), (2, "pref")]
 
@@ -134,7 +126,7 @@ def test_hbat_importance_anchor_and_penalty_across_two_rounds_by_hand(tmp_path, 
         assert call["penalty_after_move"] == pytest.approx(expected, rel=1e-5)
     # each stage trains on its own shard with its own seed; the warm-up happens in round 1 only
     data = C.load_data(cfg, C.load_tokenizer("tiny"))
-    sft_shards, pref_shards = hbat.shards(data["sft"], 2), hbat.shards(data["pref"], 2)
+    sft_shards, pref_shards = C.shards(data["sft"], 2), C.shards(data["pref"], 2)
     assert [c["shard"] for c in calls] == [sft_shards[0], pref_shards[0], sft_shards[1], pref_shards[1]]
     assert [c["seed"] for c in calls] == [cfg.seed + i for i in range(4)]
     assert [c["warmup_steps"] for c in calls] == [cfg.warmup_steps, cfg.warmup_steps, 0, 0]
@@ -258,14 +250,14 @@ def test_fisher_ablation_uses_textbook_ewc_on_the_other_objectives_data(tmp_path
     with torch.no_grad():
         for name, p in policy.named_parameters():
             p.copy_(calls[1]["start"][name])
-    expected = C.empirical_fisher(policy, hbat.shards(data["sft"], 2)[0][:4], torch.device("cpu"))
+    expected = C.empirical_fisher(policy, C.shards(data["sft"], 2)[0][:4], torch.device("cpu"))
     for name, value in expected.items():
         torch.testing.assert_close(penalty.args[1][name], value)
     # round 2 SFT: Fisher of the chosen responses of round 1's preference shard, at that stage's start
     with torch.no_grad():
         for name, p in policy.named_parameters():
             p.copy_(calls[2]["start"][name])
-    expected = C.empirical_fisher(policy, [p["chosen"] for p in hbat.shards(data["pref"], 2)[0][:4]], torch.device("cpu"))
+    expected = C.empirical_fisher(policy, [p["chosen"] for p in C.shards(data["pref"], 2)[0][:4]], torch.device("cpu"))
     for name, value in expected.items():
         torch.testing.assert_close(calls[2]["penalty"].args[1][name], value)
 

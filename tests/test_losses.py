@@ -580,7 +580,7 @@ def test_sft_grad_accumulation_gives_same_weights(tiny_dir, monkeypatch):
     model, tokenizer = common.load_model_and_tokenizer(str(tiny_dir))
     examples = _sft_examples(tokenizer)
 
-    def mean_of_means_step(micro_batches):
+    def mean_of_means_step(micro_batches, whole_batch, scale=1.0):
         total = torch.zeros(())
         for micro in micro_batches:
             batch = common.collate(micro, tokenizer.pad_token_id)

@@ -1,0 +1,38 @@
+"""Run by tests/test_distributed.py, under `torchrun --nproc_per_node N` or as one plain process: from the
+tiny model in MODEL_DIR, two epochs of SFT (with an HBAT penalty spread over every tensor) or of DPO on 11
+examples with a global batch of 8 and 2 micro-batches (so the second step is ragged: 3 examples over the
+ranks), then rank 0 saves the whole weights to OUT_FILE.
+
+    python tests/distributed_steps.py sft|dpo MODEL_DIR OUT_FILE [--fsdp]
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common as C  # noqa: E402
+
+mode, model_dir, out_file = sys.argv[1:4]
+cfg = C.TrainConfig(batch_size=8, grad_accum_steps=2, sft_epochs=2, pref_epochs=2, warmup_steps=0, device="cpu",
+                    fsdp="--fsdp" in sys.argv, sft_lr=1e-3, pref_lr=1e-3)
+C.init_distributed(cfg)
+device, dtype = torch.device("cpu"), torch.float32
+model, tokenizer = C.load_model_and_tokenizer(model_dir)
+C.disable_dropout(model)
+C.place(model, cfg, device)
+task = C.builtin_task(0, n_sft=11, n_pref=11, n_test=1)
+if mode == "sft":
+    examples, _ = C.tokenize_sft(task["sft"], tokenizer, cfg.max_length, cfg.max_prompt_length)
+    names = list(C.trainable(model))
+    anchor, weights = C.snapshot(model), {n: 1.0 / len(names) for n in names}
+    C.train_sft(model, examples, cfg, device=device, dtype=dtype, seed=0,
+                penalty=lambda: C.hbat_penalty(model, weights, anchor, 1.0, 1e4))
+else:
+    examples, _ = C.tokenize_pref(task["pref"], tokenizer, cfg.max_length, cfg.max_prompt_length)
+    C.train_dpo(model, examples, cfg, device=device, dtype=dtype, seed=0)
+state_dict = C.full_state_dict(model) or model.state_dict()
+if C.is_main():
+    torch.save({k: v.detach().clone() for k, v in state_dict.items()}, out_file)
+if C.world_size() > 1:
+    torch.distributed.destroy_process_group()
