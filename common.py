@@ -1014,6 +1014,16 @@ def ppo_rewards(scores, logps, ref_logps, mask, kl_coef: float):
     return rewards
 
 
+def critic_free_rewards(scores, logps, ref_logps, mask, kl_coef: float = 0.1, gamma: float = 0.95, reward_clip: float = 10.0):
+    """The HBAT authors' critic-free PPO reward (their --remove_critic_model --reward_type seq), per
+    response token t of a T-token response: clip(r, -10, 10) * gamma^(T-1-t) - kl_coef * max(log pi -
+    log ref, 0). Whitened, these are the advantages (no value model, no GAE)."""
+    lengths = mask.sum(1, keepdim=True)
+    steps_to_end = (lengths - 1 - torch.arange(mask.shape[1], device=mask.device)).clamp(min=0)
+    sequence = scores.clamp(-reward_clip, reward_clip)[:, None] * gamma ** steps_to_end
+    return (sequence - kl_coef * (logps - ref_logps).clamp(min=0)) * mask
+
+
 def gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
     """Generalised advantage estimation over right-padded response tokens (mask a prefix of each row):
     delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lam A_{t+1},  returns = A + V.
@@ -1232,9 +1242,10 @@ def train_epochs(model, examples: list, step_fn: Callable, cfg, *, lr: float, ep
     params = [p for p in model.parameters() if p.requires_grad]
     set_checkpointing(model, cfg)
     optimizer = adamw(params, lr)
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)))
     order_rng = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    warmup_steps = warmup_length(cfg.warmup_steps, epochs * steps_per_epoch)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(warmup_steps, 1)))
     model.train()
     with progress(epochs * steps_per_epoch, desc) as bar:
         for epoch in range(epochs):
@@ -1256,12 +1267,19 @@ def train_epochs(model, examples: list, step_fn: Callable, cfg, *, lr: float, ep
                 values = dict(zip(metrics, sum_over_ranks(torch.stack([v.float() for v in metrics.values()])).tolist()))
                 where = f"{desc}, epoch {epoch + 1}, step {bar.n + 1}"
                 check_finite(values, where)
+                values["lr"] = optimizer.param_groups[0]["lr"]
                 values["grad_norm"] = optimizer_step(params, optimizer, cfg.max_grad_norm, where)
                 warmup.step()
                 bar.update()
                 bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if k.startswith("loss")})
                 if log is not None:
                     log({"stage": desc, "step": bar.n, "epoch": epoch + 1, **values})
+
+
+def warmup_length(warmup_steps: int, stage_steps: int) -> int:
+    """--warmup_steps, but at most half the stage's steps: a short stage (an HBAT shard, a small data
+    set) still reaches its learning rate, and trains at it for at least its second half."""
+    return min(warmup_steps, stage_steps // 2)
 
 
 def train_sft(model, examples: list, cfg, *, device, dtype, seed: int, desc: str = "sft", log=None, penalty=None):
@@ -1459,7 +1477,8 @@ def ppo_step(policy, ref_model, reward_model, value_model, prompts: list[list[in
     """One PPO iteration on a batch of prompts: sample and score responses (--eval_batch_size prompts at
     a time), per-token rewards (-kl_coef * KL + RM score on the last token), GAE with whitened
     advantages, then `ppo_epochs` passes of clipped policy and clipped value updates over
-    `ppo_minibatches` minibatches. Every forward runs at most --ppo_micro_batch_size sequences: a
+    `ppo_minibatches` minibatches. Without a value model (value_model None: --no-critic), the
+    advantages are the whitened critic_free_rewards and only the policy is updated. Every forward runs at most --ppo_micro_batch_size sequences: a
     minibatch's loss is accumulated over its micro-batches, each weighted by its share of the
     minibatch's tokens (so the update equals one big forward's), and the policy's graph is freed
     before the critic's is built. Memory is bounded by the micro-batch, not the rollout."""
@@ -1474,16 +1493,23 @@ def ppo_step(policy, ref_model, reward_model, value_model, prompts: list[list[in
     with torch.no_grad(), autocast(device, dtype):
         for rows in lockstep(micro_batches(mine, cfg.eval_batch_size), [0]):
             sub = select(batch, rows)
-            scored.append((response_logps(policy, sub, cfg.temperature), response_logps(ref_model, sub, cfg.temperature),
-                           response_values(value_model, sub), sequence_scores(reward_model, sub["input_ids"], sub["attention_mask"])))
+            logps = response_logps(policy, sub, cfg.temperature)
+            scored.append((logps, response_logps(ref_model, sub, cfg.temperature),
+                           response_values(value_model, sub) if value_model is not None else torch.zeros_like(logps),
+                           sequence_scores(reward_model, sub["input_ids"], sub["attention_mask"])))
     old_logps, ref_logps, old_values, scores = (gather_rows(torch.cat(parts)[:len(mine)]) for parts in zip(*scored))
-    rewards = ppo_rewards(scores, old_logps, ref_logps, mask, cfg.kl_coef)
-    advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-    advantages = masked_whiten(advantages, mask)
+    if value_model is None:  # the HBAT authors' critic-free stage
+        rewards = critic_free_rewards(scores, old_logps, ref_logps, mask, cfg.kl_coef, cfg.gamma)
+        advantages, returns = masked_whiten(rewards, mask), None
+    else:
+        rewards = ppo_rewards(scores, old_logps, ref_logps, mask, cfg.kl_coef)
+        advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, mask)
 
-    policy.train(), value_model.train()
+    critics = [value_model] if value_model is not None else []
+    policy.train(), [critic.train() for critic in critics]
     policy_params = [p for p in policy.parameters() if p.requires_grad]
-    value_params = [p for p in value_model.parameters() if p.requires_grad]
+    value_params = [p for critic in critics for p in critic.parameters() if p.requires_grad]
     sums = {"loss/policy": 0.0, "loss/value": 0.0, "clipfrac": 0.0} | ({"loss/ewc": 0.0} if penalty else {})
     n_updates = 0
     for _ in range(cfg.ppo_epochs):
@@ -1497,10 +1523,12 @@ def ppo_step(policy, ref_model, reward_model, value_model, prompts: list[list[in
                     logps = response_logps(policy, sub, cfg.temperature)
                 policy_loss, clipfrac = ppo_policy_loss(logps, old_logps[rows], advantages[rows], mask[rows], cfg.clip)
                 (policy_loss * share).backward()
-                with autocast(device, dtype):
-                    values = response_values(value_model, sub)
-                value_loss = ppo_value_loss(values, old_values[rows], returns[rows], mask[rows], cfg.value_clip)
-                (value_loss * share).backward()
+                value_loss = torch.zeros((), device=device)
+                for critic in critics:
+                    with autocast(device, dtype):
+                        values = response_values(critic, sub)
+                    value_loss = ppo_value_loss(values, old_values[rows], returns[rows], mask[rows], cfg.value_clip)
+                    (value_loss * share).backward()
                 totals += torch.stack([policy_loss.detach(), value_loss.detach(), clipfrac]) * share
             ewc = penalty() if penalty is not None else torch.zeros((), device=device)
             if ewc.requires_grad:
@@ -1511,13 +1539,15 @@ def ppo_step(policy, ref_model, reward_model, value_model, prompts: list[list[in
             # both gradient norms are checked before either model steps, so a failure leaves both untouched
             policy_norm, value_norm = clip_gradients(policy_params, cfg.max_grad_norm), clip_gradients(value_params, cfg.max_grad_norm)
             check_finite({"grad_norm/policy": policy_norm, "grad_norm/value": value_norm}, "ppo step")
-            for optimizer in (policy_optimizer, value_optimizer):
+            for optimizer in (policy_optimizer, value_optimizer) if critics else (policy_optimizer,):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             sums = {k: sums[k] + step_values[k] for k in sums}
             n_updates += 1
     kl = (kl_estimate(old_logps, ref_logps) * mask).sum(1)
     summary_stats = torch.stack([scores.mean(), kl.mean(), mask.sum(1).mean(), rewards.sum(1).mean()]).tolist()
+    if not critics:
+        del sums["loss/value"]
     return {**{k: v / n_updates for k, v in sums.items()},
             **dict(zip(["score", "kl", "response_tokens", "total_reward"], summary_stats))}
 
@@ -1525,11 +1555,14 @@ def ppo_step(policy, ref_model, reward_model, value_model, prompts: list[list[in
 def train_ppo(policy, ref_model, reward_model, value_model, prompts: list[list[int]], cfg, *, device, dtype,
               seed: int, desc: str = "ppo", log=None, penalty=None) -> None:
     """`pref_epochs` passes over the prompts in batches of `ppo_batch_size`, one ppo_step each. The
-    reference and reward models stay frozen in eval mode."""
+    reference and reward models stay frozen in eval mode. value_model None: critic-free (--no-critic)."""
     ref_model.eval(), reward_model.eval()
-    set_checkpointing(policy, cfg), set_checkpointing(value_model, cfg)
+    set_checkpointing(policy, cfg)
     policy_optimizer = adamw([p for p in policy.parameters() if p.requires_grad], cfg.pref_lr)
-    value_optimizer = adamw([p for p in value_model.parameters() if p.requires_grad], cfg.value_lr)
+    value_optimizer = None
+    if value_model is not None:
+        set_checkpointing(value_model, cfg)
+        value_optimizer = adamw([p for p in value_model.parameters() if p.requires_grad], cfg.value_lr)
     order_rng = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(prompts) / cfg.ppo_batch_size)
     with progress(cfg.pref_epochs * steps_per_epoch, desc) as bar:
@@ -1703,6 +1736,7 @@ class TrainConfig:
     ppo_epochs: int = 2  # optimisation passes over each rollout
     ppo_minibatches: int = 2  # minibatches (optimizer steps) per pass
     ppo_micro_batch_size: int = 4  # sequences per PPO forward/backward (gradients accumulated): bounds PPO's memory
+    critic: bool = True  # PPO with a value model and GAE; --no-critic: the HBAT authors' critic-free stage (see README)
     kl_coef: float = 0.05  # per-token KL penalty to the reference
     gamma: float = 1.0  # discount
     lam: float = 0.95  # GAE lambda

@@ -139,7 +139,7 @@ def train_stage(cfg: Config, kind: str, policy, shard: list, reward_model, *, pe
     if cfg.pref == "dpo":  # train_dpo's reference is the policy at its start
         C.train_dpo(policy, shard, cfg, device=device, dtype=dtype, seed=seed, desc=name, log=log, penalty=penalty)
     else:
-        value_model = C.clone_model(reward_model).requires_grad_(True)  # a fresh critic from the reward model
+        value_model = C.clone_model(reward_model).requires_grad_(True) if cfg.critic else None  # a fresh critic from the RM
         C.train_ppo(policy, C.frozen_copy(policy), reward_model, value_model, [p["prompt_ids"] for p in shard], cfg,
                     device=device, dtype=dtype, seed=seed, desc=name, log=log, penalty=penalty)
 

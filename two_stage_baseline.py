@@ -82,7 +82,7 @@ def main(cfg: Config) -> dict:
     if cfg.pref == "dpo":  # the reference: the SFT model, frozen (train_dpo: the policy at its start)
         C.train_dpo(policy, data["pref"], cfg, device=device, dtype=dtype, seed=cfg.seed + 1, log=log)
     else:
-        value_model = C.clone_model(reward_model)  # critic initialised from the reward model
+        value_model = C.clone_model(reward_model) if cfg.critic else None  # critic initialised from the reward model
         reward_model.requires_grad_(False)
         C.train_ppo(policy, C.frozen_copy(policy), reward_model, value_model, [p["prompt_ids"] for p in data["pref"]], cfg,
                     device=device, dtype=dtype, seed=cfg.seed + 1, log=log)

@@ -312,7 +312,8 @@ def test_bad_settings_are_rejected_before_anything_is_written(tmp_path, flag, va
 # ------------------------------------------------------------------------------- smoke
 
 
-SMOKE = {"dpo-compare": ["--pref", "dpo", "--compare"], "ppo-fisher": ["--pref", "ppo", "--ewc", "fisher"]}
+SMOKE = {"dpo-compare": ["--pref", "dpo", "--compare"], "ppo-fisher": ["--pref", "ppo", "--ewc", "fisher"],
+         "ppo-no-critic-compare": ["--pref", "ppo", "--no-critic", "--compare"]}
 
 
 def smoke_args(case: str) -> list[str]:
@@ -330,6 +331,10 @@ def test_smoke_hbat_end_to_end(script_run, case):
     assert "HBAT trajectory" in proc.stdout
     model, _ = C.load_model_and_tokenizer(str(out / "final"))
     assert sum(p.numel() for p in model.parameters()) > 0
+    if pref == "ppo":  # critic-free PPO stages log no value loss (and their baseline's neither)
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        ppo_steps = [r for r in records if r["stage"].endswith("ppo") and "loss/policy" in r]
+        assert ppo_steps and all(("loss/value" in r) == ("--no-critic" not in SMOKE[case]) for r in ppo_steps)
 
 
 @pytest.mark.slow

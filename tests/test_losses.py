@@ -871,3 +871,63 @@ def test_token_logps_on_cuda_in_bf16_match_the_full_logits(tiny_dir, monkeypatch
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-2)
     for name in got_grads:
         assert ((got_grads[name] - expected_grads[name]).norm() / expected_grads[name].norm()).item() < 2e-2, name
+
+
+# ============================================================================================
+# Critic-free PPO (--no-critic) and the warm-up bound
+# ============================================================================================
+
+
+def test_critic_free_rewards_by_hand():
+    """clip(r, +-10) * gamma^(T-1-t) - kl_coef * max(log pi - log ref, 0) at each response token."""
+    scores = torch.tensor([2.0, 20.0])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    log_ratio = torch.tensor([[0.5, -0.2, 0.1], [0.0, 1.0, 9.0]])
+    got = common.critic_free_rewards(scores, log_ratio, torch.zeros(2, 3), mask, kl_coef=0.1, gamma=0.95)
+    expected = torch.tensor([[2 * 0.95 ** 2 - 0.05, 2 * 0.95, 2 - 0.01], [10 * 0.95, 10 - 0.1, 0.0]])
+    torch.testing.assert_close(got, expected)
+
+
+def test_critic_free_ppo_step_is_the_whitened_reward_policy_gradient(tiny_dir, monkeypatch):
+    """One critic-free update (one minibatch, one epoch, plain SGD, no clipping) on fixed responses equals
+    the step along -grad masked_mean(-A * pi / pi_old), A = whitened critic_free_rewards, computed here
+    by hand; there is no value model and no value loss."""
+    _plain_sgd(monkeypatch)
+    policy, tokenizer = common.load_model_and_tokenizer(str(tiny_dir))
+    torch.manual_seed(1)
+    reward_model = common.load_reward_model(str(tiny_dir), tokenizer, new_head=True).requires_grad_(False)
+    rows = common.builtin_task(seed=6, n_sft=1, n_pref=4, n_test=1)["pref"]
+    prompts = [common.encode_prompt(tokenizer, r["prompt"]) for r in rows]
+    eos = tokenizer.eos_token_id
+    responses = [[5, 6, 7, eos], [8, eos], [9, 10, 11, 12, 13], [14, 15, eos]]
+    monkeypatch.setattr(common, "generate", lambda *args, **kwargs: responses)
+    cfg = dataclasses.replace(common.TrainConfig(), ppo_minibatches=1, ppo_epochs=1, ppo_micro_batch_size=4, kl_coef=0.1,
+                              gamma=0.95, max_grad_norm=1e9)
+    reference, lr = common.frozen_copy(policy), 1e-1
+
+    by_hand = copy.deepcopy(policy)
+    batch = common.rollout_batch(prompts, responses, tokenizer.pad_token_id)
+    mask = (batch["labels"][:, batch["query_width"]:] != IGNORE_INDEX).float()
+    with torch.no_grad():
+        scores = common.sequence_scores(reward_model, batch["input_ids"], batch["attention_mask"])
+        ref_logps = common.response_logps(reference, batch)
+    logps = common.response_logps(by_hand, batch)
+    advantages = common.masked_whiten(common.critic_free_rewards(scores, logps.detach(), ref_logps, mask, 0.1, 0.95), mask)
+    common.masked_mean(-advantages * torch.exp(logps - logps.detach()), mask).backward()
+    expected = {n: (p - lr * p.grad).detach() for n, p in by_hand.named_parameters()}
+
+    stats = common.ppo_step(policy, reference, reward_model, None, prompts, torch.optim.SGD(policy.parameters(), lr=lr), None,
+                            cfg, device=CPU, dtype=torch.float32)
+    assert "loss/value" not in stats and stats["score"] == pytest.approx(scores.mean().item(), rel=1e-6)
+    got = _params(policy)
+    assert _max_diff(got, expected) < 1e-6 and _max_diff(got, _params(by_hand)) > 1e-4
+
+
+def test_warmup_is_never_longer_than_half_the_stage(tiny_dir):
+    """--warmup_steps 10 in a 4-step stage: 2 steps of warm-up (lr/2, lr), then the full rate."""
+    assert [common.warmup_length(10, n) for n in (0, 1, 4, 13, 20, 100)] == [0, 0, 2, 6, 10, 10]
+    model, tokenizer = common.load_model_and_tokenizer(str(tiny_dir))
+    log = []
+    cfg = _cfg(batch_size=4, warmup_steps=10, sft_lr=1e-3)
+    common.train_sft(model, _sft_examples(tokenizer, n=16), cfg, device=CPU, dtype=torch.float32, seed=0, log=log.append)
+    assert [r["lr"] for r in log] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])
