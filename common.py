@@ -1862,6 +1862,7 @@ def cli(main: Callable, config_cls) -> None:
         cfg = parse_config(config_cls)
         init_distributed(cfg)  # under torchrun; see "More than one process"
         main(cfg)
+        barrier()  # every rank done before any leaves (gloo may abort a rank whose peer has gone)
     except UserError as e:
         if debug:
             raise

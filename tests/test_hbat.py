@@ -327,7 +327,7 @@ def test_smoke_hbat_end_to_end(script_run, case):
     results = json.loads((out / "results.json").read_text())
     pref = SMOKE[case][1]
     assert len(results["trajectory"]) == 4 and f"hbat {pref}" in results
-    assert ("two-stage dpo" in results) == ("--compare" in SMOKE[case])
+    assert (f"two-stage {pref}" in results) == ("--compare" in SMOKE[case])
     assert "HBAT trajectory" in proc.stdout
     model, _ = C.load_model_and_tokenizer(str(out / "final"))
     assert sum(p.numel() for p in model.parameters()) > 0
