@@ -1121,6 +1121,20 @@ def softmax_importance(raw: dict) -> dict[str, float]:
     return dict(zip(names, weights.tolist()))
 
 
+def sum_importance(raw: dict) -> dict[str, float]:
+    """w = raw / sum(raw): each tensor weighted in proportion to its raw importance (any scale s gives
+    the same weights), so the penalty spreads over the tensors the other objective moved."""
+    total = math.fsum(raw.values())
+    return {n: (v / total if total > 0 else 1.0 / len(raw)) for n, v in raw.items()}
+
+
+def weight_spread(weights: dict) -> tuple[float, float]:
+    """(entropy in nats, largest weight) of normalised tensor weights: (0, 1) when one-hot, (ln n, 1/n)
+    when uniform over n tensors."""
+    entropy = max(0.0, -math.fsum(w * math.log(w) for w in weights.values() if w > 0))  # (never -0.0)
+    return entropy, max(weights.values())
+
+
 def hbat_penalty(model, weights: dict, anchor: dict, lam: float = 1.0, max_weight: float = 100.0) -> torch.Tensor:
     """HBAT's modified EWC: M * sum_n w_n * sum_j (lambda * (theta_nj - anchor_nj))^2.
     Tensors with w_n == 0 exactly are skipped (they add exactly nothing). On N ranks, this rank's part

@@ -43,6 +43,7 @@ class Config(C.TrainConfig):
     ewc_max_weight: float = 100.0  # M: scale of the HBAT penalty
     ewc_lambda: float = 1.0  # lambda inside the HBAT penalty's square
     ewc_mse_factor: float = 1e10  # s: drift scale before squaring; 1e10 makes the softmax one-hot (smaller = smoother)
+    ewc_weights: str = "softmax"  # tensor weights from the raw importance: softmax (released code) | sum (w = F / sum F)
     fisher_lambda: float = 1000.0  # --ewc fisher: lambda of (lambda / 2) * sum F (theta - anchor)^2
     fisher_samples: int = 64  # --ewc fisher: examples of the other objective's last shard for the Fisher
     freeze_fraction: float = 0.2  # --ewc freeze: fraction of tensors (most important first) frozen for the stage
@@ -50,7 +51,7 @@ class Config(C.TrainConfig):
     output_dir: str = "runs/hbat"  # final/, checkpoint/, reward_model/ (PPO), two_stage/ (--compare), metrics.jsonl, results.json
     RANGES = {"rounds": "[1, inf)", "ewc_max_weight": "[0, inf)", "ewc_lambda": "[0, inf)", "ewc_mse_factor": "(0, inf)",
               "fisher_lambda": "[0, inf)", "fisher_samples": "[1, inf)", "freeze_fraction": "[0, 1]"}
-    CHOICES = {"pref": ("dpo", "ppo"), "ewc": ("hbat", "fisher", "freeze", "random", "none")}
+    CHOICES = {"pref": ("dpo", "ppo"), "ewc": ("hbat", "fisher", "freeze", "random", "none"), "ewc_weights": ("softmax", "sum")}
 
 
 def check(cfg: Config) -> None:
@@ -105,23 +106,38 @@ def most_important(raw: dict, fraction: float) -> list[str]:
 
 
 def stage_regulariser(cfg: Config, model, state: dict, kind: str, seed: int, other_examples: list, device, dtype):
-    """(penalty callable or None, tensor names to freeze, a short description) for the stage about to
-    start. The anchor is the parameters now, at the stage start. Round 1's SFT stage has no importance
-    yet, so no regulariser."""
+    """(penalty callable or None, tensor names to freeze, a short description, {"ewc_entropy", "ewc_top"}:
+    how the weights spread) for the stage about to start. The anchor is the parameters now, at the
+    stage start. Round 1's SFT stage has no importance yet, so no regulariser."""
     raw = state["importance"][kind]
     if cfg.ewc == "none" or raw is None:
-        return None, [], "-"
+        return None, [], "-", {}
     if cfg.ewc == "freeze":
         frozen = most_important(raw, cfg.freeze_fraction)
-        return None, frozen, f"froze {len(frozen)} of {len(raw)}"
+        return None, frozen, f"froze {len(frozen)} of {len(raw)}", {}
     anchor = C.snapshot(model)
     if cfg.ewc == "fisher":  # textbook EWC: per-sample diagonal Fisher of the other objective's last shard
         fisher = C.empirical_fisher(model, other_examples[: cfg.fisher_samples], device, dtype)
-        return functools.partial(C.ewc_penalty, model, fisher, anchor, cfg.fisher_lambda), [], "fisher"
-    weights = C.softmax_importance(raw) if cfg.ewc == "hbat" else random_importance(list(raw), seed)
+        return functools.partial(C.ewc_penalty, model, fisher, anchor, cfg.fisher_lambda), [], "fisher", {}
+    if cfg.ewc == "random":
+        weights = random_importance(list(raw), seed)
+    else:
+        weights = C.softmax_importance(raw) if cfg.ewc_weights == "softmax" else C.sum_importance(raw)
     top = max(weights, key=weights.get)
     penalty = functools.partial(C.hbat_penalty, model, weights, anchor, cfg.ewc_lambda, cfg.ewc_max_weight)
-    return penalty, [], f"{top.removeprefix('model.')} {weights[top]:.2f}"
+    entropy, top_weight = C.weight_spread(weights)
+    return penalty, [], f"{top.removeprefix('model.')} {weights[top]:.2f}", {"ewc_entropy": entropy, "ewc_top": top_weight}
+
+
+def ewc_share(records: list[dict]) -> float | None:
+    """How much the penalty weighs in a stage: mean loss/ewc over the stage's optimizer steps divided by
+    the mean magnitude of its task loss (loss/sft, loss/dpo or loss/policy). None without a penalty."""
+    steps = [r for r in records if "loss/ewc" in r]
+    if not steps:
+        return None
+    task = next(k for k in steps[0] if k in ("loss/sft", "loss/dpo", "loss/policy"))
+    task_mean = sum(abs(r[task]) for r in steps) / len(steps)
+    return sum(r["loss/ewc"] for r in steps) / len(steps) / task_mean if task_mean > 0 else None
 
 
 # ============================================================================================
@@ -200,7 +216,7 @@ def run(cfg: Config, data: dict, out: Path, checkpoint: dict | None, judge=None,
         seed = cfg.seed + index  # SFT of round 1 gets seed, its preference stage seed + 1: as the baseline
         # the other objective's most recent shard, for --ewc fisher (round 1's SFT stage has no regulariser)
         other_examples = sft_shards[round_ - 1] if kind == "pref" else [p["chosen"] for p in pref_shards[max(round_ - 2, 0)]]
-        penalty, frozen, regulariser = stage_regulariser(cfg, policy, state, kind, seed, other_examples, device, dtype)
+        penalty, frozen, regulariser, spread = stage_regulariser(cfg, policy, state, kind, seed, other_examples, device, dtype)
         for param_name, p in policy.named_parameters():
             p.requires_grad_(param_name not in frozen)
         before = {n: p.detach().clone() for n, p in policy.named_parameters()}
@@ -209,7 +225,13 @@ def run(cfg: Config, data: dict, out: Path, checkpoint: dict | None, judge=None,
         # warm-up happens once per objective, in round 1: later stages run at the full rate, as one
         # continuous run would. Otherwise short stages would train at a lower average rate than the baseline.
         stage_cfg = cfg if round_ == 1 else dataclasses.replace(cfg, warmup_steps=0)
-        train_stage(stage_cfg, kind, policy, shard, reward_model, penalty=penalty, seed=seed, name=name, log=log,
+        records = []  # the stage's logged steps, for ewc_share
+
+        def log_stage(record: dict) -> None:
+            records.append(record)
+            log(record)
+
+        train_stage(stage_cfg, kind, policy, shard, reward_model, penalty=penalty, seed=seed, name=name, log=log_stage,
                     device=device, dtype=dtype)
         policy.requires_grad_(True)
         record_drift(state, kind, before, {n: p.detach() for n, p in policy.named_parameters()}, cfg)
@@ -222,7 +244,9 @@ def run(cfg: Config, data: dict, out: Path, checkpoint: dict | None, judge=None,
         metrics, outputs = C.evaluate(policy, tokenizer, data["test"], cfg, device=device, dtype=dtype, score_fn=score_fn,
                                       against=against if against is not None else state["first_outputs"], desc=f"eval {name}")
         state["first_outputs"] = state["first_outputs"] or outputs
-        state["trajectory"].append({"stage": name, "ewc": regulariser, **metrics})
+        share = ewc_share(records)
+        state["trajectory"].append({"stage": name, "ewc": regulariser, **metrics, **spread,
+                                    **({"ewc_share": share} if share is not None else {})})
         state["last_responses"], state["score_name"] = outputs["responses"][:5], score_name
         log({"stage": f"eval {name}", **metrics})
         print(f"[{out.name}] {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f"; ewc: {regulariser}")
@@ -271,9 +295,10 @@ def main(cfg: Config) -> dict:
 
     # ---------------------------------------------------------------- report
     print(f"\nHBAT trajectory (win_rate against {hbat['win_rate_against']}; ewc: the stage's regulariser: for "
-          f"hbat/random the most-weighted tensor and its weight)")
+          f"hbat/random the most-weighted tensor and its weight; ewc_entropy, ewc_top: the entropy (nats) and the "
+          f"largest of the tensor weights; ewc_share: mean loss/ewc over the stage's steps / mean task loss)")
     print(format_trajectory(hbat["trajectory"]))
-    metric_columns = {k: {m: v for m, v in c.items() if m not in ("stage", "ewc")} for k, c in columns.items()}
+    metric_columns = {k: {m: v for m, v in c.items() if m != "stage" and not m.startswith("ewc")} for k, c in columns.items()}
     if cfg.compare:
         print("\n" + C.format_table(metric_columns))
     print(f"rougeL: F1 against the reference (instruction following); reward: {hbat['score_name']}; "
@@ -291,9 +316,11 @@ def main(cfg: Config) -> dict:
 
 def format_trajectory(trajectory: list[dict]) -> str:
     keys = [k for k in dict.fromkeys(k for row in trajectory for k in row) if k not in ("stage", "ewc")]
-    lines = [f"{'stage':<20}" + "".join(f"{k:>10}" for k in keys) + "  ewc"]
-    for row in trajectory:
-        cells = "".join(f"{row[k]:>10.3f}" if isinstance(row.get(k), float) else f"{'n/a':>10}" for k in keys)
+    widths = {k: max(10, len(k) + 2) for k in keys}
+    lines = [f"{'stage':<20}" + "".join(f"{k:>{widths[k]}}" for k in keys) + "  ewc"]
+    for row in trajectory:  # ewc_share spans decades: 3 significant digits
+        cells = "".join(f"{row[k]:>{widths[k]}.{'3g' if k == 'ewc_share' else '3f'}}" if isinstance(row.get(k), float)
+                        else f"{'n/a':>{widths[k]}}" for k in keys)
         lines.append(f"{row['stage']:<20}{cells}  {row['ewc']}")
     return "\n".join(lines)
 

@@ -288,3 +288,14 @@ def test_hbat_penalty_with_one_hot_weights_from_realistic_drift():
         model.a += 1.0
         model.b += 1.0
     assert C.hbat_penalty(model, w, anchor).item() == pytest.approx(100 * 3.0, rel=1e-5)
+
+
+def test_sum_importance_and_weight_spread_by_hand():
+    w = C.sum_importance({"a": 1e20, "b": 3e20, "c": 0.0})
+    assert w == pytest.approx({"a": 0.25, "b": 0.75, "c": 0.0})
+    assert C.sum_importance({"a": 2.0, "b": 6.0}) == pytest.approx({"a": 0.25, "b": 0.75})  # any scale s: the same weights
+    assert C.sum_importance({"a": 0.0, "b": 0.0}) == {"a": 0.5, "b": 0.5}  # nothing moved: uniform
+    entropy, top = C.weight_spread(w)
+    assert entropy == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75))) and top == 0.75
+    assert C.weight_spread({"a": 1.0, "b": 0.0}) == (0.0, 1.0)
+    assert C.weight_spread({n: 0.25 for n in "abcd"}) == (pytest.approx(math.log(4)), 0.25)

@@ -313,7 +313,7 @@ def test_bad_settings_are_rejected_before_anything_is_written(tmp_path, flag, va
 
 
 SMOKE = {"dpo-compare": ["--pref", "dpo", "--compare"], "ppo-fisher": ["--pref", "ppo", "--ewc", "fisher"],
-         "ppo-no-critic-compare": ["--pref", "ppo", "--no-critic", "--compare"]}
+         "ppo-no-critic-compare": ["--pref", "ppo", "--no-critic", "--compare"], "dpo-sum": ["--pref", "dpo", "--ewc_weights", "sum", "--sft_epochs", "2", "--pref_epochs", "2"]}  # (2 steps a stage)
 
 
 def smoke_args(case: str) -> list[str]:
@@ -329,6 +329,9 @@ def test_smoke_hbat_end_to_end(script_run, case):
     assert len(results["trajectory"]) == 4 and f"hbat {pref}" in results
     assert (f"two-stage {pref}" in results) == ("--compare" in SMOKE[case])
     assert "HBAT trajectory" in proc.stdout
+    if "--ewc_weights" in SMOKE[case]:  # the weights spread (entropy > 0) and the penalty's share is logged
+        penalised = results["trajectory"][1:]
+        assert all(row["ewc_entropy"] > 0.1 and row["ewc_top"] < 1.0 and row["ewc_share"] > 0 for row in penalised)
     model, _ = C.load_model_and_tokenizer(str(out / "final"))
     assert sum(p.numel() for p in model.parameters()) > 0
     if pref == "ppo":  # critic-free PPO stages log no value loss (and their baseline's neither)
@@ -343,3 +346,12 @@ def test_sigkill_at_a_random_point_then_resume_ends_as_an_uninterrupted_run(scri
     proc, whole = script_run("hbat.py", *smoke_args("dpo-compare"))
     assert proc.returncode == 0
     kill_and_resume("hbat.py", smoke_args("dpo-compare"), whole)
+
+
+def test_ewc_share_is_mean_penalty_over_mean_task_loss():
+    records = [{"stage": "s", "loss/dpo": 0.6, "loss/ewc": 0.03}, {"stage": "s", "loss/dpo": 0.4, "loss/ewc": 0.01},
+               {"stage": "eval s", "rougeL": 0.9}]
+    assert hbat.ewc_share(records) == pytest.approx(0.02 / 0.5)
+    policy = [{"loss/policy": -0.2, "loss/value": 1.0, "loss/ewc": 0.1}, {"loss/policy": 0.4, "loss/value": 1.0, "loss/ewc": 0.2}]
+    assert hbat.ewc_share(policy) == pytest.approx(0.15 / 0.3)  # |policy loss|: it changes sign
+    assert hbat.ewc_share([{"loss/sft": 1.0}]) is None  # no penalty in the stage
