@@ -23,6 +23,7 @@ this project's decisions (../shared/METHODS.md section 3), each a flag below.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ class Config(C.TrainConfig):
     pref_lr: float = 5e-5  # DPO learning rate in every iteration (tiny model; the baseline's 2e-4 makes self-play drift, see README)
     w_max: float = 5.0  # latent weights are clipped to [0, w_max]
     latent_dim: int = 64  # size of the guiding model's latent phi(x, y)
+    guide: str = "scratch"  # guiding model: scratch (a small transformer auto-encoder) | policy (built from the starting policy: see PolicyGuide)
     guide_dim: int = 64  # guiding model width (encoder and decoder)
     guide_layers: int = 2  # transformer layers in the guide's encoder, and in its decoder
     guide_heads: int = 4  # attention heads in the guiding model
@@ -54,13 +56,15 @@ class Config(C.TrainConfig):
     output_dir: str = "runs/ld_align"  # models (sft/, final/, final_spin/), checkpoint/, metrics.jsonl, results.json
     RANGES = {"iterations": "[1, inf)", "w_max": "(0, inf)", "latent_dim": "[1, inf)", "guide_dim": "[1, inf)",
               "guide_layers": "[1, inf)", "guide_heads": "[1, inf)", "guide_epochs": "[1, inf)", "guide_lr": "(0, inf)"}
-    CHOICES = {"weighting": ("latent", "uniform")}
+    CHOICES = {"weighting": ("latent", "uniform"), "guide": ("scratch", "policy")}
 
 
 def check_ld_config(cfg: Config) -> None:
     problems = []
     if cfg.compare and cfg.weighting != "latent":
         problems.append("--compare runs the uniform ablation beside --weighting latent; drop one of them")
+    if cfg.guide == "policy" and cfg.fsdp:
+        problems.append("--guide policy copies the policy whole: run it without --fsdp, or use --guide scratch")
     if cfg.guide_heads >= 1 and cfg.guide_dim % cfg.guide_heads:
         problems.append(f"--guide_dim {cfg.guide_dim} must be a multiple of --guide_heads {cfg.guide_heads}")
     C.check_config(cfg, need_pref=False, problems=problems)
@@ -113,7 +117,39 @@ class GuideModel(nn.Module):
         return F.cross_entropy(logits.float(), ids[response])
 
 
-def train_guide(guide: GuideModel, optimizer, seqs: list[dict], cfg, *, pad_id: int, seed: int, device, log=None,
+class PolicyGuide(nn.Module):
+    """The guiding auto-encoder built from a pretrained transformer, the starting policy (METHODS.md
+    section 3): the same interface as GuideModel.
+       encoder  phi(x, y) = W_z * mean_{t in y} Body(x; y)_t          (a copy of the policy's body)
+       decoder  p(y_t | z, x, y_<t) = LM([W_p z; E[x; y_<t]])_t         (a copy of the policy, z as a prefix embedding)
+       loss     L_rec = -(1/N) sum over response tokens of log p(y_t | phi(x, y), x, y_<t)"""
+
+    def __init__(self, policy, latent_dim: int):
+        super().__init__()
+        self.decoder = copy.deepcopy(policy).train()
+        self.encoder = copy.deepcopy(getattr(policy, policy.base_model_prefix)).train()
+        hidden = policy.config.get_text_config().hidden_size
+        self.to_latent, self.from_latent = nn.Linear(hidden, latent_dim), nn.Linear(latent_dim, hidden)
+
+    def encode(self, batch: dict) -> torch.Tensor:
+        response = (batch["labels"] != C.IGNORE_INDEX).unsqueeze(-1).float()
+        h = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         position_ids=C.position_ids_from_mask(batch["attention_mask"]), use_cache=False).last_hidden_state
+        return self.to_latent((h.float() * response).sum(1) / response.sum(1))
+
+    def reconstruction_loss(self, batch: dict) -> torch.Tensor:
+        ids, response = batch["input_ids"], batch["labels"] != C.IGNORE_INDEX
+        prefix = self.from_latent(self.encode(batch)).unsqueeze(1)
+        embeds = torch.cat([prefix.to(self.decoder.dtype), self.decoder.get_input_embeddings()(ids)], 1)
+        mask = torch.cat([torch.ones_like(batch["attention_mask"][:, :1]), batch["attention_mask"]], 1)
+        body = getattr(self.decoder, self.decoder.base_model_prefix)
+        h = body(inputs_embeds=embeds, attention_mask=mask, position_ids=C.position_ids_from_mask(mask),
+                 use_cache=False).last_hidden_state[:, :-1]  # h[:, j] saw the prefix and tokens < j: predicts token j
+        logits = self.decoder.get_output_embeddings()(h[response])
+        return F.cross_entropy(logits.float(), ids[response])
+
+
+def train_guide(guide: nn.Module, optimizer, seqs: list[dict], cfg, *, pad_id: int, seed: int, device, log=None,
                 desc: str = "guide") -> float:
     """`guide_epochs` passes of L_rec over seqs (gold and generated responses). Returns the last epoch's
     mean loss. On N ranks each takes its share of a batch, its loss weighted by its share of the tokens."""
@@ -143,7 +179,7 @@ def response_length(seq: dict) -> int:
 
 
 @torch.no_grad()
-def latent_distances(guide: GuideModel, pairs: list[dict], *, pad_id: int, batch_size: int, device) -> torch.Tensor:
+def latent_distances(guide: nn.Module, pairs: list[dict], *, pad_id: int, batch_size: int, device) -> torch.Tensor:
     """d_i = ||phi(x, y_gold) - phi(x, y_gen)||_2 in float32 (gold and sample of a pair share one padded batch)."""
     guide.eval()
     out = [torch.zeros(0)]
@@ -208,8 +244,11 @@ def self_play(name: str, weighting: str, policy, tokenizer, data: dict, cfg, *, 
     guide = guide_optimizer = None
     if weighting == "latent":  # the guide is seeded alike in every run and keeps training across iterations
         torch.manual_seed(cfg.seed)
-        vocab_size = max(len(tokenizer), policy.config.vocab_size)  # the policy may sample ids of a padded vocabulary
-        guide = GuideModel(vocab_size, cfg.max_length, cfg.guide_dim, cfg.latent_dim, cfg.guide_layers, cfg.guide_heads).to(device)
+        if cfg.guide == "policy":  # from the arm's starting policy (the SFT model)
+            guide = PolicyGuide(policy, cfg.latent_dim).to(device)
+        else:
+            vocab_size = max(len(tokenizer), policy.config.vocab_size)  # the policy may sample ids of a padded vocabulary
+            guide = GuideModel(vocab_size, cfg.max_length, cfg.guide_dim, cfg.latent_dim, cfg.guide_layers, cfg.guide_heads).to(device)
         guide_optimizer = C.adamw(list(guide.parameters()), cfg.guide_lr)
         if checkpoint:
             guide.load_state_dict(checkpoint["extra"]["guide"])

@@ -1,6 +1,7 @@
 """ld_align.py: the guiding auto-encoder, the latent weights, the weighted self-play loss, the reference
 chain across iterations, the real-data path (SFT data only), and smoke runs end to end."""
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -58,6 +59,51 @@ def test_guide_reconstruction_loss_falls_on_a_fixed_batch(tiny):
     with torch.no_grad():
         last = trained.reconstruction_loss(batch).item()
     assert last < 0.3 * first, (first, last)
+
+
+def test_policy_guide_loss_is_the_decoders_cross_entropy_after_the_latent_prefix(tiny):
+    """PolicyGuide by brute force: for one unpadded sequence at a time, the decoder (a copy of the policy)
+    runs on [W_p phi(x, y); embeddings of x, y] through its own forward, and the output at the position
+    before each response token scores it; the batched, padded loss is the token mean of those."""
+    model, tok = tiny
+    seqs = gold_seqs(tok, 3)
+    torch.manual_seed(1)
+    guide = L.PolicyGuide(model, latent_dim=8).eval()
+    assert guide.decoder is not model and torch.equal(guide.decoder.lm_head.weight, model.lm_head.weight)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in seqs:
+            ids = torch.tensor([s["input_ids"]])
+            prefix = guide.from_latent(guide.encode(C.collate([s], tok.pad_token_id)))[:, None]
+            embeds = torch.cat([prefix, guide.decoder.get_input_embeddings()(ids)], 1)
+            logps = guide.decoder(inputs_embeds=embeds).logits.log_softmax(-1)[0]
+            for j, label in enumerate(s["labels"]):
+                if label != C.IGNORE_INDEX:  # output j (after the prefix and tokens < j) predicts token j
+                    total -= logps[j, s["input_ids"][j]].item()
+                    count += 1
+        batched = guide.reconstruction_loss(C.collate(seqs, tok.pad_token_id)).item()
+    assert batched == pytest.approx(total / count, rel=1e-5)
+
+
+def test_policy_guide_starts_far_below_the_uniform_guess_and_learns(tiny):
+    """The pretrained guide's decoder is a language model already: after the policy has seen the task
+    for a few steps its loss starts below ln |V|, and guide training halves it."""
+    model, tok = tiny
+    seqs = gold_seqs(tok, 16)
+    cfg = dataclasses.replace(C.TrainConfig(), sft_epochs=2, batch_size=8, warmup_steps=0)
+    C.train_sft(model, seqs, cfg, device=torch.device("cpu"), dtype=torch.float32, seed=0)
+    torch.manual_seed(0)
+    guide, batch = L.PolicyGuide(model, latent_dim=8), C.collate(seqs, tok.pad_token_id)
+    with torch.no_grad():
+        first = guide.reconstruction_loss(batch).item()
+    optimizer = torch.optim.AdamW(guide.parameters(), lr=1e-3)
+    for _ in range(20):
+        guide.reconstruction_loss(batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        last = guide.reconstruction_loss(batch).item()
+    assert first < math.log(len(tok)) - 0.5 and last < 0.5 * first, (first, last, math.log(len(tok)))
 
 
 def test_reconstruction_loss_is_the_response_token_cross_entropy(tiny):
@@ -392,6 +438,16 @@ def test_smoke_ld_align_chat_data_gpt2_pad_is_eos_with_sft_first(real_like):
 
 SMOKE_ARGS = ["--n_sft", "64", "--eval_size", "8", "--sft_epochs", "1", "--batch_size", "16", "--max_new_tokens", "12",
               "--iterations", "2", "--guide_dim", "32", "--latent_dim", "16", "--compare"]
+
+
+def test_smoke_ld_align_with_the_policy_guide(script_run):
+    proc, out = script_run("ld_align.py", *SMOKE_ARGS[:-1], "--guide", "policy")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    _, tok = C.load_model_and_tokenizer(str(out / "final"))
+    rows = results["trajectory"][1:]  # the SFT model's decoder starts below the uniform guess
+    assert results["config"]["guide"] == "policy" and len(rows) == 2
+    assert all(0 < r["guide_loss"] < math.log(len(tok)) for r in rows)
 
 
 def test_smoke_ld_align_end_to_end_with_compare(script_run):
