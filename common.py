@@ -197,15 +197,18 @@ def rank_part(t) -> float:
     return 1.0 if is_sharded(t) else 1.0 / world_size()
 
 
+def sum_tensors_over_ranks(tensors: list) -> None:
+    """Each tensor replaced, in place, by its sum over ranks: one all_reduce of a flat buffer."""
+    if world_size() == 1 or not tensors:
+        return
+    flat = sum_over_ranks(torch._utils._flatten_dense_tensors(tensors))
+    for t, summed in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
+        t.copy_(summed)
+
+
 def sync_gradients(params: list) -> None:
     """DDP's gradient sum, for the tensors every rank holds whole (FSDP sums its shards itself)."""
-    whole = [p for p in params if not is_sharded(p) and p.grad is not None]
-    if world_size() == 1 or not whole:
-        return
-    flat = torch._utils._flatten_dense_tensors([p.grad for p in whole])
-    dist.all_reduce(flat)
-    for p, g in zip(whole, torch._utils._unflatten_dense_tensors(flat, [p.grad for p in whole])):
-        p.grad.copy_(g)
+    sum_tensors_over_ranks([p.grad for p in params if not is_sharded(p) and p.grad is not None])
 
 
 def lockstep(batches: list, filler) -> list:
@@ -1085,9 +1088,7 @@ def empirical_fisher(model, examples: list[dict], device, dtype=torch.float32) -
             if p.grad is not None:
                 fisher[name] += p.grad.detach().float() ** 2
     model.zero_grad(set_to_none=True)
-    if world_size() > 1:
-        flat = sum_over_ranks(torch._utils._flatten_dense_tensors(list(fisher.values())))
-        fisher = dict(zip(fisher, torch._utils._unflatten_dense_tensors(flat, list(fisher.values()))))
+    sum_tensors_over_ranks(list(fisher.values()))
     return {name: f / len(examples) for name, f in fisher.items()}
 
 
@@ -1359,7 +1360,7 @@ def clone_model(model):
     shard(twin, model.fsdp_dtype).to_empty(device=next(model.parameters()).device)
     twin.tie_weights()  # to_empty made new tensors, untying a tied output layer
     with torch.no_grad():
-        for (name, p), (_, twin_p) in zip(model.named_parameters(), twin.named_parameters(), strict=True):
+        for (_, p), (_, twin_p) in zip(model.named_parameters(), twin.named_parameters(), strict=True):
             local(twin_p).copy_(local(p))
             twin_p.requires_grad_(p.requires_grad)
         for (_, b), (_, twin_b) in zip(model.named_buffers(), twin.named_buffers(), strict=True):
@@ -1492,10 +1493,11 @@ def ppo_step(policy, ref_model, reward_model, value_model, prompts: list[list[in
     a time), per-token rewards (-kl_coef * KL + RM score on the last token), GAE with whitened
     advantages, then `ppo_epochs` passes of clipped policy and clipped value updates over
     `ppo_minibatches` minibatches. Without a value model (value_model None: --no-critic), the
-    advantages are the whitened critic_free_rewards and only the policy is updated. Every forward runs at most --ppo_micro_batch_size sequences: a
-    minibatch's loss is accumulated over its micro-batches, each weighted by its share of the
-    minibatch's tokens (so the update equals one big forward's), and the policy's graph is freed
-    before the critic's is built. Memory is bounded by the micro-batch, not the rollout."""
+    advantages are the whitened critic_free_rewards and only the policy is updated. Every forward
+    runs at most --ppo_micro_batch_size sequences: a minibatch's loss is accumulated over its
+    micro-batches, each weighted by its share of the minibatch's tokens (so the update equals one big
+    forward's), and the policy's graph is freed before the critic's is built. Memory is bounded by
+    the micro-batch, not the rollout."""
     pad_id, eos_id = policy.config.pad_token_id, policy.config.eos_token_id
     policy.eval()
     responses = generate(policy, prompts, pad_id=pad_id, eos_id=eos_id, max_new_tokens=cfg.max_new_tokens,
@@ -1553,7 +1555,7 @@ def ppo_step(policy, ref_model, reward_model, value_model, prompts: list[list[in
             # both gradient norms are checked before either model steps, so a failure leaves both untouched
             policy_norm, value_norm = clip_gradients(policy_params, cfg.max_grad_norm), clip_gradients(value_params, cfg.max_grad_norm)
             check_finite({"grad_norm/policy": policy_norm, "grad_norm/value": value_norm}, "ppo step")
-            for optimizer in (policy_optimizer, value_optimizer) if critics else (policy_optimizer,):
+            for optimizer in [policy_optimizer] + ([value_optimizer] if critics else []):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             sums = {k: sums[k] + step_values[k] for k in sums}

@@ -75,6 +75,12 @@ def check_ld_config(cfg: Config) -> None:
 # ============================================================================================
 
 
+def response_mean(h: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
+    """The mean of hidden states h (B, T, H) over each row's response tokens (mask (B, T)): the encoders' pooling."""
+    m = response.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1)
+
+
 class GuideModel(nn.Module):
     """encoder  h = Enc(E[x; y] + P + S)  (bidirectional; S marks prompt vs response tokens)
                 phi(x, y) = W_z * mean_{t in y} h_t                       (pooled over response tokens)
@@ -103,8 +109,7 @@ class GuideModel(nn.Module):
         positions = torch.arange(batch["input_ids"].shape[1], device=response.device)
         h = self.embed(batch["input_ids"]) + self.position(positions) + self.segment(response.long())
         h = self.encoder(h, src_key_padding_mask=batch["attention_mask"] == 0)
-        m = response.unsqueeze(-1).float()
-        return self.to_latent((h * m).sum(1) / m.sum(1))
+        return self.to_latent(response_mean(h, response))
 
     def reconstruction_loss(self, batch: dict) -> torch.Tensor:
         """L_rec: the decoder rebuilds the response from the latent prefix and the prompt (token mean)."""
@@ -132,10 +137,9 @@ class PolicyGuide(nn.Module):
         self.to_latent, self.from_latent = nn.Linear(hidden, latent_dim), nn.Linear(latent_dim, hidden)
 
     def encode(self, batch: dict) -> torch.Tensor:
-        response = (batch["labels"] != C.IGNORE_INDEX).unsqueeze(-1).float()
         h = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          position_ids=C.position_ids_from_mask(batch["attention_mask"]), use_cache=False).last_hidden_state
-        return self.to_latent((h.float() * response).sum(1) / response.sum(1))
+        return self.to_latent(response_mean(h.float(), batch["labels"] != C.IGNORE_INDEX))
 
     def reconstruction_loss(self, batch: dict) -> torch.Tensor:
         ids, response = batch["input_ids"], batch["labels"] != C.IGNORE_INDEX
