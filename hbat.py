@@ -11,13 +11,20 @@ modified EWC penalty of the authors' released code (../shared/METHODS.md section
 
     F_n   = mean(((theta_n^after - theta_n^before) * s)^2)   drift of tensor n in the OTHER objective's last stage
     R     = R_prev + F_n                                     raw importance, one accumulator per stage type
-    w_n   = softmax_n(R)                                     over all tensors (one-hot at the default s = 1e10)
+    w_n   = R_n / sum_m R_m                                  (--ewc released: softmax_n(R), one-hot at s = 1e10)
     L_ewc = M * sum_n w_n * sum_j (lambda * (theta_nj - anchor_nj))^2,   anchor = parameters at the stage start
+            M = 1 in SFT stages, 100 in preference stages            (--ewc released: 100 in both)
+
+The released softmax puts all the weight on one tensor, a layer norm in the preference stages, where
+the penalty then stays below 1e-3 of the DPO loss: it does nothing. Normalised by its sum, the weight
+spreads over the tensors the other objective moved, and the penalty is a real part of every stage's
+loss; the two M were chosen by a 5-seed study (README, "HBAT"). `--ewc released` is the released
+setting exactly.
 
     python hbat.py                         # built-in task, tiny model, HBAT with DPO (CPU, ~1 min)
     python hbat.py --pref ppo              # ... with a reward model and PPO
     python hbat.py --compare               # ... and the two-stage baseline on the same seed, side by side
-    python hbat.py --ewc none|fisher|freeze|random    # ablations
+    python hbat.py --ewc released|fisher|freeze|random|none    # ablations
     torchrun --nproc_per_node N hbat.py ...           # N processes: DDP, or --fsdp to shard the models
 """
 from __future__ import annotations
@@ -39,19 +46,21 @@ class Config(C.TrainConfig):
     are documented in common.TrainConfig."""
     pref: str = "dpo"  # preference stage: dpo | ppo
     rounds: int = 5  # K: shards of each data set, one SFT stage and one preference stage per shard (authors: 10)
-    ewc: str = "hbat"  # regulariser: hbat (modified EWC) | fisher (textbook EWC) | freeze (top 20% tensors) | random | none
-    ewc_max_weight: float = 100.0  # M: scale of the HBAT penalty
-    ewc_lambda: float = 1.0  # lambda inside the HBAT penalty's square
-    ewc_mse_factor: float = 1e10  # s: drift scale before squaring; 1e10 makes the softmax one-hot (smaller = smoother)
-    ewc_weights: str = "softmax"  # tensor weights from the raw importance: softmax (released code) | sum (w = F / sum F)
+    ewc: str = "hbat"  # regulariser: hbat (modified EWC) | released (the authors' code exactly) | fisher (textbook EWC) | freeze (top 20% tensors) | random | none
+    ewc_max_weight: float = 1.0  # M of the hbat (and random) penalty in SFT stages
+    pref_ewc_max_weight: float = 100.0  # M of the hbat (and random) penalty in preference stages (the authors' script sets the two apart)
+    ewc_lambda: float = 1.0  # lambda inside the hbat (and random) penalty's square
     fisher_lambda: float = 1000.0  # --ewc fisher: lambda of (lambda / 2) * sum F (theta - anchor)^2
     fisher_samples: int = 64  # --ewc fisher: examples of the other objective's last shard for the Fisher
     freeze_fraction: float = 0.2  # --ewc freeze: fraction of tensors (most important first) frozen for the stage
     compare: bool = False  # also run the two-stage baseline (= K 1, --ewc none) on the same seed and budget
     output_dir: str = "runs/hbat"  # final/, checkpoint/, reward_model/ (PPO), two_stage/ (--compare), metrics.jsonl, results.json
-    RANGES = {"rounds": "[1, inf)", "ewc_max_weight": "[0, inf)", "ewc_lambda": "[0, inf)", "ewc_mse_factor": "(0, inf)",
+    RANGES = {"rounds": "[1, inf)", "ewc_max_weight": "[0, inf)", "pref_ewc_max_weight": "[0, inf)", "ewc_lambda": "[0, inf)",
               "fisher_lambda": "[0, inf)", "fisher_samples": "[1, inf)", "freeze_fraction": "[0, 1]"}
-    CHOICES = {"pref": ("dpo", "ppo"), "ewc": ("hbat", "fisher", "freeze", "random", "none"), "ewc_weights": ("softmax", "sum")}
+    CHOICES = {"pref": ("dpo", "ppo"), "ewc": ("hbat", "released", "fisher", "freeze", "random", "none")}
+
+
+RELEASED = {"mse_factor": 1e10, "max_weight": 100.0, "lambda": 1.0}  # --ewc released: s, M (every stage), lambda
 
 
 def check(cfg: Config) -> None:
@@ -89,7 +98,7 @@ def other(kind: str) -> str:
 
 def record_drift(state: dict, kind: str, before: dict, after: dict, cfg: Config) -> None:
     """After a `kind` stage: R_other += F(before -> after)."""
-    drift = C.drift_importance(before, after, cfg.ewc_mse_factor)
+    drift = C.drift_importance(before, after, RELEASED["mse_factor"])  # s only matters to the softmax: R / sum R drops it
     state["importance"][other(kind)] = C.accumulate_importance(state["importance"][other(kind)], drift)
 
 
@@ -119,12 +128,15 @@ def stage_regulariser(cfg: Config, model, state: dict, kind: str, seed: int, oth
     if cfg.ewc == "fisher":  # textbook EWC: per-sample diagonal Fisher of the other objective's last shard
         fisher = C.empirical_fisher(model, other_examples[: cfg.fisher_samples], device, dtype)
         return functools.partial(C.ewc_penalty, model, fisher, anchor, cfg.fisher_lambda), [], "fisher", {}
-    if cfg.ewc == "random":
+    max_weight, lam = (cfg.ewc_max_weight if kind == "sft" else cfg.pref_ewc_max_weight), cfg.ewc_lambda
+    if cfg.ewc == "released":  # w = softmax(R), one-hot at s = 1e10; M = 100 in every stage
+        weights, max_weight, lam = C.softmax_importance(raw), RELEASED["max_weight"], RELEASED["lambda"]
+    elif cfg.ewc == "random":
         weights = random_importance(list(raw), seed)
-    else:
-        weights = C.softmax_importance(raw) if cfg.ewc_weights == "softmax" else C.sum_importance(raw)
+    else:  # w = R / sum R
+        weights = C.sum_importance(raw)
     top = max(weights, key=weights.get)
-    penalty = functools.partial(C.hbat_penalty, model, weights, anchor, cfg.ewc_lambda, cfg.ewc_max_weight)
+    penalty = functools.partial(C.hbat_penalty, model, weights, anchor, lam, max_weight)
     entropy, top_weight = C.weight_spread(weights)
     return penalty, [], f"{top.removeprefix('model.')} {weights[top]:.2f}", {"ewc_entropy": entropy, "ewc_top": top_weight}
 
@@ -176,8 +188,8 @@ def reward_model_from(policy, tokenizer, data: dict, cfg: Config, out: Path, log
 
 
 def start_policy(cfg: Config, checkpoint: dict | None):
-    """Seed, then load the run's starting policy: its checkpoint's, or --model (for `tiny`, seeded random
-    weights). The order matters: every run draws the same random numbers as the two-stage baseline."""
+    """Seed, then load the run's starting policy: its checkpoint's, or --model (for `tiny`, the seeded
+    warm start, common.warm_start). The order matters: every run draws the same random numbers as the two-stage baseline."""
     C.seed_everything(cfg.seed)
     return C.load_model_and_tokenizer(str(checkpoint["folder"]) if checkpoint else cfg.model, cfg.trust_remote_code, cfg.seed)
 

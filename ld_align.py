@@ -44,7 +44,7 @@ class Config(C.TrainConfig):
     pref_lr: float = 5e-5  # DPO learning rate in every iteration (tiny model; the baseline's 2e-4 makes self-play drift, see README)
     w_max: float = 5.0  # latent weights are clipped to [0, w_max]
     latent_dim: int = 64  # size of the guiding model's latent phi(x, y)
-    guide: str = "scratch"  # guiding model: scratch (a small transformer auto-encoder) | policy (built from the starting policy: see PolicyGuide)
+    guide: str = "policy"  # guiding model: policy (built from the starting policy: see PolicyGuide) | scratch (a small transformer auto-encoder)
     guide_dim: int = 64  # guiding model width (encoder and decoder)
     guide_layers: int = 2  # transformer layers in the guide's encoder, and in its decoder
     guide_heads: int = 4  # attention heads in the guiding model
@@ -56,7 +56,7 @@ class Config(C.TrainConfig):
     output_dir: str = "runs/ld_align"  # models (sft/, final/, final_spin/), checkpoint/, metrics.jsonl, results.json
     RANGES = {"iterations": "[1, inf)", "w_max": "(0, inf)", "latent_dim": "[1, inf)", "guide_dim": "[1, inf)",
               "guide_layers": "[1, inf)", "guide_heads": "[1, inf)", "guide_epochs": "[1, inf)", "guide_lr": "(0, inf)"}
-    CHOICES = {"weighting": ("latent", "uniform"), "guide": ("scratch", "policy")}
+    CHOICES = {"weighting": ("latent", "uniform"), "guide": ("policy", "scratch")}
 
 
 def check_ld_config(cfg: Config) -> None:
@@ -64,7 +64,7 @@ def check_ld_config(cfg: Config) -> None:
     if cfg.compare and cfg.weighting != "latent":
         problems.append("--compare runs the uniform ablation beside --weighting latent; drop one of them")
     if cfg.guide == "policy" and cfg.fsdp:
-        problems.append("--guide policy copies the policy whole: run it without --fsdp, or use --guide scratch")
+        problems.append("--guide policy (the default) copies the policy whole: run it without --fsdp, or add --guide scratch")
     if cfg.guide_heads >= 1 and cfg.guide_dim % cfg.guide_heads:
         problems.append(f"--guide_dim {cfg.guide_dim} must be a multiple of --guide_heads {cfg.guide_heads}")
     C.check_config(cfg, need_pref=False, problems=problems)

@@ -1,8 +1,8 @@
 """Shared fixtures for the tests: offline hub settings, the repo root on sys.path, the tiny model, and
 script runs in subprocesses.
 
-`tiny_dir` builds the built-in task's tiny model and tokenizer once per session (seed 0) and saves them
-with common.save_model; `tiny` loads a fresh copy from that folder with common.load_model_and_tokenizer,
+`tiny_dir` builds the built-in task's tiny model and tokenizer once per session (seed 0, `tiny-random`:
+the math checks want an arbitrary model, not the warm start's) and saves them with common.save_model; `tiny` loads a fresh copy from that folder with common.load_model_and_tokenizer,
 so every test gets its own model/tokenizer (safe to train or mutate) and the real loading code is used.
 `script_run` runs a script's command line once per session (smoke tests and the kill/resume tests share
 the runs). Tests marked `slow` (kill/resume) still run by default; `-m "not slow"` skips them.
@@ -27,9 +27,9 @@ import common  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
-    """Folder holding the saved tiny model + tokenizer (built once per session, seed 0)."""
+    """Folder holding the saved tiny model + tokenizer (built once per session, seed 0, random weights)."""
     path = tmp_path_factory.mktemp("tiny_model")
-    model, tokenizer = common.load_model_and_tokenizer("tiny", seed=0)
+    model, tokenizer = common.load_model_and_tokenizer("tiny-random", seed=0)
     common.save_model(model, tokenizer, path)
     return path
 

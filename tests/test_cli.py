@@ -137,7 +137,7 @@ CASES = [
     ("resume_old_checkpoint", BASELINE, ["--resume", "--output_dir", "{out_old_checkpoint}"],
      ["was written by an older version of this script; use --overwrite"], False),
     # the other two scripts: their own checks, and the shared path
-    ("hbat_ewc_unknown", "hbat.py", ["--ewc", "l2"], ["--ewc must be one of hbat, fisher, freeze, random, none; got 'l2'"], False),
+    ("hbat_ewc_unknown", "hbat.py", ["--ewc", "l2"], ["--ewc must be one of hbat, released, fisher, freeze, random, none; got 'l2'"], False),
     ("hbat_rounds_zero", "hbat.py", ["--rounds", "0"], ["--rounds must be in [1, inf); got 0"], False),
     ("hbat_empty_shard", "hbat.py", ["--rounds", "17"], ["--rounds 17 leaves an empty shard (16 SFT rows, 16 preference pairs)"], False),
     ("hbat_freeze_fraction", "hbat.py", ["--freeze_fraction", "1.5"], ["--freeze_fraction must be in [0, 1]; got 1.5"], False),
@@ -338,8 +338,8 @@ def test_every_range_is_enforced(script, tmp_path):
 def test_parse_config_errors_are_config_errors():
     with pytest.raises(C.ConfigError, match=r"argument --beta: invalid float value: 'x' \(see --help\)"):
         C.parse_config(two_stage_baseline.Config, ["--beta", "x"])
-    cfg = C.parse_config(hbat.Config, ["--ewc_mse_factor", "1e3", "--no-compare", "--rounds", "3"])
-    assert (cfg.ewc_mse_factor, cfg.compare, cfg.rounds) == (1e3, False, 3)
+    cfg = C.parse_config(hbat.Config, ["--pref_ewc_max_weight", "1e3", "--no-compare", "--rounds", "3"])
+    assert (cfg.pref_ewc_max_weight, cfg.compare, cfg.rounds) == (1e3, False, 3)
 
 
 # ============================================================================================

@@ -440,14 +440,13 @@ SMOKE_ARGS = ["--n_sft", "64", "--eval_size", "8", "--sft_epochs", "1", "--batch
               "--iterations", "2", "--guide_dim", "32", "--latent_dim", "16", "--compare"]
 
 
-def test_smoke_ld_align_with_the_policy_guide(script_run):
-    proc, out = script_run("ld_align.py", *SMOKE_ARGS[:-1], "--guide", "policy")
+def test_smoke_ld_align_with_the_scratch_guide(script_run):
+    proc, out = script_run("ld_align.py", *SMOKE_ARGS[:-1], "--guide", "scratch")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    _, tok = C.load_model_and_tokenizer(str(out / "final"))
-    rows = results["trajectory"][1:]  # the SFT model's decoder starts below the uniform guess
-    assert results["config"]["guide"] == "policy" and len(rows) == 2
-    assert all(0 < r["guide_loss"] < math.log(len(tok)) for r in rows)
+    rows = results["trajectory"][1:]
+    assert results["config"]["guide"] == "scratch" and len(rows) == 2
+    assert all(r["guide_loss"] > 0 and math.isfinite(r["guide_loss"]) for r in rows)
 
 
 def test_smoke_ld_align_end_to_end_with_compare(script_run):
@@ -466,6 +465,8 @@ def test_smoke_ld_align_end_to_end_with_compare(script_run):
     assert {k: trajectory[2][k] for k in results["ld_align"]} == results["ld_align"]  # final = last iteration
     assert {"d_mean", "d_min", "d_max", "clipped", "guide_loss", "identical"} <= set(trajectory[1])
     assert "d_mean" not in trajectory[3] and "identical" in trajectory[3]
+    assert results["config"]["guide"] == "policy"  # the default: its decoder, the SFT model, starts below the uniform guess
+    assert all(0 < r["guide_loss"] < math.log(len(C.load_tokenizer("tiny"))) for r in trajectory[1:3])
     assert all(set(e) == {"prompt", "reference", "sft", "ld_align", "spin"} for e in results["examples"])
     stages = {json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()}
     assert {"sft", "eval sft", "ld_align guide 1", "ld_align dpo 2", "spin dpo 2", "iteration ld_align", "iteration spin"} <= stages
@@ -488,3 +489,14 @@ def test_sigkill_at_a_random_point_then_resume_ends_as_an_uninterrupted_run(scri
     proc, whole = script_run("ld_align.py", *SMOKE_ARGS)
     assert proc.returncode == 0
     kill_and_resume("ld_align.py", SMOKE_ARGS, whole)
+
+
+def test_smoke_ld_align_headroom_variant_starts_from_the_warm_started_model(script_run):
+    """--sft_epochs 0 (the headroom variant): self-play starts from `tiny` as loaded, the warm-started
+    model, whose weights sft/ holds unchanged."""
+    proc, out = script_run("ld_align.py", *SMOKE_ARGS[:-1], "--sft_epochs", "0", "--iterations", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warm, _ = C.load_model_and_tokenizer("tiny", seed=0)
+    saved, _ = C.load_model_and_tokenizer(str(out / "sft"))
+    assert same(saved.state_dict(), warm.state_dict())
+    assert json.loads((out / "results.json").read_text())["trajectory"][1]["identical"] < 0.5  # room to learn

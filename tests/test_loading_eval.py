@@ -4,6 +4,7 @@ Expected values come from brute force (one sequence at a time through the model,
 loop, log_softmax by hand), hand-computed indices, or invariances (a zero penalty changes nothing).
 """
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -391,3 +392,32 @@ def test_disable_dropout_zeroes_modules_and_attention_dropout():
     assert model.training
     with torch.no_grad():
         assert torch.equal(model(x).logits, model(x).logits)
+
+
+def test_tiny_warm_start_is_a_seeded_sft_on_held_out_rows_outside_the_random_stream():
+    """`tiny` = `tiny-random` + SFT on WARM_START_ROWS held-out rows: none of them shares a prompt with the
+    run's test rows; the global random stream after loading is the same with and without the warm start
+    (so every later draw of a run is too); a second load (hbat --compare) gives the same weights; and the
+    warm start learned the task: its SFT loss on the test references is far below the random model's."""
+    avoid = {r["prompt"] for r in common.builtin_task(3, 0, 0, n_test=1000)["test"]}
+    held_out = common.builtin_task(3 + 1000, common.WARM_START_ROWS, 0, 0, avoid=avoid)["sft"]
+    assert len(held_out) == common.WARM_START_ROWS and not avoid & {r["prompt"] for r in held_out}
+
+    common.seed_everything(3)
+    random_model, tokenizer = common.load_model_and_tokenizer("tiny-random", seed=3)
+    after_random = torch.get_rng_state()
+    common._warm_started.pop(3, None)
+    warm, _ = common.load_model_and_tokenizer("tiny", seed=3)
+    assert torch.equal(torch.get_rng_state(), after_random)
+    again, _ = common.load_model_and_tokenizer("tiny", seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(warm.state_dict().values(), again.state_dict().values()))
+    assert not torch.equal(warm.model.embed_tokens.weight, random_model.model.embed_tokens.weight)
+
+    test = common.builtin_task(3, 0, 0, n_test=16)["test"]
+    examples, _ = common.tokenize_sft(test, tokenizer, 512, 256)
+    batch = common.collate(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        losses = [-common.token_logps(m, batch)[0].sum().item() / sum(map(common.response_tokens, examples))
+                  for m in (random_model, warm)]
+    uniform = math.log(len(tokenizer))  # the loss of a uniform guess
+    assert losses[0] > 0.85 * uniform and losses[1] < 0.25 * uniform, (losses, uniform)

@@ -1,0 +1,225 @@
+"""The evidence study: each method and its baseline over several seeds, one command per table.
+
+    python experiments/study.py ewc          # HBAT-DPO: EWC normalisation and strength M, against two-stage and plain alternation
+    python experiments/study.py ablations    # HBAT-DPO regularisers: hbat / released / fisher / freeze / random / none
+    python experiments/study.py beta         # two-stage vs HBAT over the DPO beta
+    python experiments/study.py curve        # two-stage vs HBAT over the preference epochs, HBAT over K, + experiments/curve.png
+    python experiments/study.py ppo          # two-stage PPO vs HBAT-PPO with and without a critic
+    python experiments/study.py ld_align     # LD-Align (policy and scratch guides) vs SPIN (uniform weights), from the full SFT model
+    python experiments/study.py headroom     # ... from the warm-started model (ld_align.py --sft_epochs 0: room for self-play)
+    python experiments/study.py all          # every table above
+    python experiments/study.py curve --seeds 0 1 2 --jobs 1
+
+Every run is a plain command line of one of the scripts (printed), written to
+runs/study/<script>_<arguments>/seed<k>/; a run whose results.json exists is reused, so a table can be
+stopped and rerun, and tables (or arms) that share a command line share its runs. Each table prints mean +- sd over seeds of the final
+model's rougeL (instruction following) and gold reward (preference), and a paired comparison against
+the table's baseline: the mean +- sd of the per-seed difference, and on how many seeds the arm is
+ahead. `--jobs 2` (the default) runs two scripts at once with one thread each, which on 2 CPU cores is
+faster than one at a time with two threads (the tiny model is too small to use two threads well).
+Needs matplotlib for the figure (experiments/requirements.txt).
+"""
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "runs" / "study"
+METRICS = ("rougeL", "reward")
+
+# An arm: (name, script, arguments, the results.json key of its final model). Every setting that the
+# study compares is spelled out, so the tables do not change when a default does.
+TWO_STAGE = ("two-stage dpo", "two_stage_baseline.py", [], "sft+dpo")
+
+
+def hbat(name: str, *args: str, pref: str = "dpo"):
+    return (name, "hbat.py", ["--pref", pref, *args], f"hbat {pref}")
+
+
+DEFAULT_EWC = ("--ewc", "hbat", "--ewc_max_weight", "1", "--pref_ewc_max_weight", "100")  # hbat.py's default, spelled out
+
+
+def sum_m(sft: str, pref: str) -> tuple[str, ...]:
+    return ("--ewc", "hbat", "--ewc_max_weight", sft, "--pref_ewc_max_weight", pref)
+BETAS = ("0.03", "0.1", "0.3")
+EPOCHS = ("1", "2", "3")  # preference epochs (DPO passes over the preference data; per stage for HBAT)
+ROUNDS = ("1", "2", "5")  # HBAT's K (K = 1: one SFT stage, then one DPO stage under the penalty)
+
+
+def ld_align(name: str, key: str, *args: str):
+    return (name, "ld_align.py", ["--compare", *args], key)
+
+
+TABLES = {
+    "ewc": {"baseline": "two-stage dpo", "arms": [
+        TWO_STAGE,
+        hbat("hbat none (plain alternation)", "--ewc", "none"),
+        hbat("hbat released (softmax, M 100)", "--ewc", "released"),
+        *[hbat(f"hbat sum, M {m}", *sum_m(m, m)) for m in ("1", "10", "100")],
+        hbat("hbat sum, M 1 / pref 100 (default)", *DEFAULT_EWC),
+        hbat("hbat sum, M 1 / pref 1000", *sum_m("1", "1000")),
+    ]},
+    "ablations": {"baseline": "hbat none (plain alternation)", "arms": [
+        hbat("hbat none (plain alternation)", "--ewc", "none"),
+        hbat("hbat (default: sum, M 1 / pref 100)", *DEFAULT_EWC),
+        hbat("hbat released (softmax, M 100)", "--ewc", "released"),
+        hbat("fisher (textbook EWC)", "--ewc", "fisher"),
+        hbat("freeze (top 20% tensors)", "--ewc", "freeze"),
+        hbat("random weights", "--ewc", "random"),
+    ]},
+    "beta": {"baseline": "two-stage dpo, beta 0.1", "arms": [
+        *[(f"two-stage dpo, beta {b}", "two_stage_baseline.py", [] if b == "0.1" else ["--beta", b], "sft+dpo") for b in BETAS],
+        *[hbat(f"hbat dpo, beta {b}", *DEFAULT_EWC, *([] if b == "0.1" else ["--beta", b])) for b in BETAS],
+    ]},
+    "curve": {"baseline": "two-stage dpo (preference epochs), 1 epoch", "arms": [
+        *[(f"two-stage dpo (preference epochs), {e} epoch{'s' * (e != '1')}", "two_stage_baseline.py",
+           [] if e == "1" else ["--pref_epochs", e], "sft+dpo") for e in EPOCHS],
+        *[hbat(f"hbat dpo (preference epochs), {e} epoch{'s' * (e != '1')}", *DEFAULT_EWC, *([] if e == "1" else ["--pref_epochs", e]))
+          for e in EPOCHS],
+        *[hbat(f"hbat dpo (rounds), K {k}", *DEFAULT_EWC, *([] if k == "5" else ["--rounds", k])) for k in ROUNDS],
+    ], "figure": "curve.png"},
+    "ppo": {"baseline": "two-stage ppo", "arms": [
+        ("two-stage ppo", "two_stage_baseline.py", ["--pref", "ppo"], "sft+ppo"),
+        hbat("hbat ppo, critic", *DEFAULT_EWC, pref="ppo"),
+        hbat("hbat ppo, no critic", *DEFAULT_EWC, "--no-critic", pref="ppo"),
+    ]},
+    "ld_align": {"baseline": "spin (uniform), full SFT", "arms": [
+        ld_align("spin (uniform), full SFT", "spin", "--guide", "policy"),
+        ld_align("ld-align, policy guide, full SFT", "ld_align", "--guide", "policy"),
+        ld_align("ld-align, scratch guide, full SFT", "ld_align", "--guide", "scratch"),
+    ]},
+    "headroom": {"baseline": "spin (uniform), headroom", "arms": [
+        ld_align("spin (uniform), headroom", "spin", "--guide", "policy", "--sft_epochs", "0"),
+        ld_align("ld-align, policy guide, headroom", "ld_align", "--guide", "policy", "--sft_epochs", "0"),
+        ld_align("ld-align, scratch guide, headroom", "ld_align", "--guide", "scratch", "--sft_epochs", "0"),
+    ]},
+}
+
+
+def run_folder(root: Path, script: str, args: list[str], seed: int) -> Path:
+    """runs/study/<script>[_<args>]/seed<k>: arms that run the same command line share it."""
+    tag = re.sub(r"[^\w.]+", "_", " ".join([Path(script).stem, *args])).strip("_")
+    return root / tag / f"seed{seed}"
+
+
+def run(script: str, args: list[str], seed: int, threads: int, root: Path) -> dict:
+    """One script run, or the results.json it saved earlier."""
+    out = run_folder(root, script, args, seed)
+    if not (out / "results.json").exists():
+        command = [sys.executable, str(REPO / script), *args, "--seed", str(seed), "--output_dir", str(out), "--overwrite"]
+        start = time.time()
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        proc = subprocess.run(command, check=False, cwd=REPO, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"failed: {' '.join(command[1:])}\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+        print(f"  {time.time() - start:5.0f} s  {' '.join(command[1:-1])}", flush=True)
+    return json.loads((out / "results.json").read_text())
+
+
+def mean_sd(values: list[float]) -> str:
+    return f"{statistics.mean(values):.3f} +- {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
+
+
+def ewc_shares(results: list[dict]) -> str:
+    """HBAT's penalty over its task loss (ewc_share): the range over every penalised stage of every seed,
+    SFT stages / preference stages ("" for runs without a penalty)."""
+    shares = {"sft": [], "pref": []}
+    for r in results:
+        for row in r.get("trajectory", []):
+            if "ewc_share" in row:
+                shares["sft" if row["stage"].endswith("sft") else "pref"].append(row["ewc_share"])
+    if not shares["sft"] or not shares["pref"]:
+        return ""
+    return " / ".join(f"{min(v):.2g}-{max(v):.2g}" for v in shares.values())
+
+
+def report(table: str, arms: list, baseline: str, runs: dict, seeds: list[int]) -> str:
+    """Markdown: mean +- sd per arm, and each arm minus the baseline, paired by seed (and HBAT's ewc_share)."""
+    shares = {name: ewc_shares([runs[name, s]["results"] for s in seeds]) for name, *_ in arms}
+    columns = ["arm", "rougeL", "gold reward", "rougeL - baseline", "reward - baseline", "ahead on rougeL / reward"]
+    columns += ["ewc_share sft / pref"] if any(shares.values()) else []
+    lines = [(f"### {table}: mean +- sd over seeds {' '.join(map(str, seeds))}; paired: arm minus {baseline}, "
+              f"same seed (mean +- sd of the difference; seeds where the arm is ahead)"), "",
+             "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    for name, *_ in arms:
+        finals = [runs[name, s]["final"] for s in seeds]
+        cells = [name] + [mean_sd([f[m] for f in finals]) for m in METRICS]
+        if name == baseline:
+            cells += ["", "", ""]
+        else:
+            diffs = {m: [runs[name, s]["final"][m] - runs[baseline, s]["final"][m] for s in seeds] for m in METRICS}
+            cells += [mean_sd(diffs[m]) for m in METRICS]
+            cells.append(" / ".join(f"{sum(d > 0 for d in diffs[m])}/{len(seeds)}" for m in METRICS))
+        cells += [shares[name]] if any(shares.values()) else []
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def figure(arms: list, runs: dict, seeds: list[int], path: Path) -> None:
+    """rougeL against gold reward: one curve per method through its knob values (arm names "<method>, <knob>"),
+    error bars one sd over seeds; the two-stage SFT model as a reference point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    methods = dict.fromkeys(name.rsplit(", ", 1)[0] for name, *_ in arms)
+    for method in methods:
+        points = [(name.rsplit(", ", 1)[1], [runs[name, s]["final"] for s in seeds]) for name, *_ in arms
+                  if name.rsplit(", ", 1)[0] == method]
+        x = [statistics.mean(f["reward"] for f in finals) for _, finals in points]
+        y = [statistics.mean(f["rougeL"] for f in finals) for _, finals in points]
+        sx = [statistics.stdev(f["reward"] for f in finals) if len(seeds) > 1 else 0 for _, finals in points]
+        sy = [statistics.stdev(f["rougeL"] for f in finals) if len(seeds) > 1 else 0 for _, finals in points]
+        line = ax.errorbar(x, y, xerr=sx, yerr=sy, marker="o", capsize=3, label=method)
+        for (knob, _), xi, yi in zip(points, x, y):
+            ax.annotate(knob, (xi, yi), textcoords="offset points", xytext=(5, 5), fontsize=8, color=line[0].get_color())
+    sft = [runs[arms[0][0], s]["results"].get("sft") for s in seeds]
+    if all(sft):
+        ax.plot(statistics.mean(f["reward"] for f in sft), statistics.mean(f["rougeL"] for f in sft), "k*", markersize=10,
+                label="SFT model (start of preference training)")
+    ax.set_xlabel("gold reward (preference)")
+    ax.set_ylabel("rougeL against the reference (instruction following)")
+    ax.set_title(f"built-in task, tiny model: mean +- sd over {len(seeds)} seeds", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"figure: {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("table", choices=[*TABLES, "all"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--out", type=Path, default=OUT, help="where the runs go (default runs/study)")
+    parser.add_argument("--jobs", type=int, default=2, help="scripts run at once (each with 2 // jobs threads, at least 1)")
+    known = parser.parse_args()
+    tables = list(TABLES) if known.table == "all" else [known.table]
+    threads = max(1, (os.cpu_count() or 2) // known.jobs)
+    for table in tables:
+        spec = TABLES[table]
+        start = time.time()
+        print(f"{table}: {len(spec['arms'])} arms x {len(known.seeds)} seeds", flush=True)
+        # each distinct command line once (LD-Align and SPIN both come from one ld_align.py --compare run)
+        commands = list(dict.fromkeys((arm[1], tuple(arm[2]), seed) for seed in known.seeds for arm in spec["arms"]))
+        with ThreadPoolExecutor(known.jobs) as pool:
+            results = dict(zip(commands, pool.map(lambda c: run(c[0], list(c[1]), c[2], threads, known.out), commands)))
+        runs = {(name, seed): {"final": results[script, tuple(args), seed][key], "results": results[script, tuple(args), seed]}
+                for seed in known.seeds for name, script, args, key in spec["arms"]}
+        text = report(table, spec["arms"], spec["baseline"], runs, known.seeds)
+        print("\n" + text + f"\n\n({time.time() - start:.0f} s)\n", flush=True)
+        if "figure" in spec:
+            figure(spec["arms"], runs, known.seeds, Path(__file__).resolve().parent / spec["figure"])
+
+
+if __name__ == "__main__":
+    main()
