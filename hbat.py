@@ -53,7 +53,7 @@ class Config(C.TrainConfig):
     fisher_lambda: float = 1000.0  # --ewc fisher: lambda of (lambda / 2) * sum F (theta - anchor)^2
     fisher_samples: int = 64  # --ewc fisher: examples of the other objective's last shard for the Fisher
     freeze_fraction: float = 0.2  # --ewc freeze: fraction of tensors (most important first) frozen for the stage
-    compare: bool = False  # also run the two-stage baseline (= K 1, --ewc none) on the same seed and budget
+    compare: bool = False  # also run the two-stage baseline (= K 1, --ewc none) on the same seed and budget (PPO: both use its reward model)
     output_dir: str = "runs/hbat"  # final/, checkpoint/, reward_model/ (PPO), two_stage/ (--compare), metrics.jsonl, results.json
     RANGES = {"rounds": "[1, inf)", "ewc_max_weight": "[0, inf)", "pref_ewc_max_weight": "[0, inf)", "ewc_lambda": "[0, inf)",
               "fisher_lambda": "[0, inf)", "fisher_samples": "[1, inf)", "freeze_fraction": "[0, 1]"}
@@ -65,9 +65,6 @@ RELEASED = {"mse_factor": 1e10, "max_weight": 100.0, "lambda": 1.0}  # --ewc rel
 
 def check(cfg: Config) -> None:
     problems = []
-    if cfg.compare and cfg.pref == "ppo" and cfg.sft_data and not cfg.reward_model:
-        problems.append("--compare --pref ppo on real data needs --reward_model: each run's own reward model "
-                        "would score it, and the scores would not be comparable")
     if cfg.fsdp and cfg.ewc == "fisher":  # its per-sample gradients would be summed over ranks by FSDP's backward
         problems.append("--ewc fisher needs whole models: run it under torchrun without --fsdp")
     C.check_config(cfg, problems=problems)
@@ -195,11 +192,12 @@ def start_policy(cfg: Config, checkpoint: dict | None):
 
 
 def run(cfg: Config, data: dict, out: Path, checkpoint: dict | None, judge=None, against: dict | None = None,
-        against_name: str = "", loaded: tuple | None = None) -> dict:
+        against_name: str = "", loaded: tuple | None = None, reward_model_dir: Path | None = None) -> dict:
     """Train, evaluating and checkpointing after every stage; `checkpoint` is a saved state to continue
     from (common.load_checkpoint) or None; `loaded` is start_policy()'s result when main already loaded
     it. Win rates are against `against` (another model's evaluate() outputs) or else against this run's
-    first stage (round 1's SFT model)."""
+    first stage (round 1's SFT model). --pref ppo: `reward_model_dir` is another run's reward model to
+    use (--compare: the baseline's), else this run trains its own after round 1's SFT stage."""
     device = C.pick_device(cfg.device)
     dtype = C.pick_dtype(cfg.dtype, device)
     out.mkdir(parents=True, exist_ok=True)
@@ -215,8 +213,8 @@ def run(cfg: Config, data: dict, out: Path, checkpoint: dict | None, judge=None,
     C.place(policy, cfg, device)
     sft_shards, pref_shards = C.shards(data["sft"], cfg.rounds), C.shards(data["pref"], cfg.rounds)
     reward_model = None
-    if cfg.pref == "ppo" and state["next_stage"] > 0:  # resumed after the reward model was trained
-        reward_model = C.load_reward_model(str(out / "reward_model"), tokenizer, cfg.trust_remote_code, flag="")
+    if cfg.pref == "ppo" and (reward_model_dir or state["next_stage"] > 0):  # given, or resumed after it was trained
+        reward_model = C.load_reward_model(str(reward_model_dir or out / "reward_model"), tokenizer, cfg.trust_remote_code, flag="")
         C.place(reward_model, cfg, device).requires_grad_(False)
     if checkpoint:  # last, after every model is loaded: the rest of the run draws what it would have
         C.restore_rng(checkpoint["rng"])
@@ -301,8 +299,10 @@ def main(cfg: Config) -> dict:
         baseline = run(runs[0][0], data, runs[0][1], states[0], judge, loaded=first)
         columns["two-stage sft"] = baseline["trajectory"][0]
         columns[f"two-stage {cfg.pref}"] = baseline["trajectory"][-1]
+    # with --compare both PPO runs optimise one reward model: the baseline's, trained from its SFT model
+    shared_reward_model = runs[0][1] / "reward_model" if cfg.compare and cfg.pref == "ppo" else None
     hbat = run(cfg, data, out, states[-1], judge, *((baseline["first_outputs"], "the two-stage SFT model") if baseline else ()),
-               loaded=None if baseline else first)
+               loaded=None if baseline else first, reward_model_dir=shared_reward_model)
     columns[f"hbat {cfg.pref}"] = hbat["trajectory"][-1]
 
     # ---------------------------------------------------------------- report

@@ -6,7 +6,9 @@ farther the sample's latent lies from the gold one, the more that pair weighs in
 For iterations t = 1..T:
 
     sample     y_gen ~ pi_{t-1}(. | x)                               one per training prompt
-    guide      L_rec = -(1/|y|) sum_t log p_dec(y_t | phi(x, y), x, y_<t)    on gold and generated y
+    guide      L_rec = -(1/|y|) sum_t log p_dec(y_t | phi(x, y), y_<t)       on gold and generated y
+               (the paper's decoder also reads x: --guide_reads_prompt; then the latent need only carry
+               what x does not tell, and its distance stops measuring wrong facts: README)
     distance   d_i = || phi(x_i, y_gold_i) - phi(x_i, y_gen_i) ||_2
     weights    w_i = clip(d_i / mean_j d_j, 0, w_max)                (--weighting uniform: w_i = 1, SPIN)
     policy     L = (1/n) sum_i -w_i log sigmoid(beta * [(log pi(y_gold|x) - log pi_{t-1}(y_gold|x))
@@ -50,6 +52,7 @@ class Config(C.TrainConfig):
     guide_heads: int = 4  # attention heads in the guiding model
     guide_epochs: int = 1  # guiding-model passes per iteration over that iteration's gold and generated responses
     guide_lr: float = 1e-3  # guiding-model learning rate (one AdamW, kept across iterations)
+    guide_reads_prompt: bool = False  # decoder p(y | z): y rebuilt from the latent alone, which must carry what y says (README); True: p(y | x, z), the paper's
     keep_identical: bool = False  # keep pairs whose sample equals the gold response (zero gradient; they only dilute the batch mean)
     sft_first: bool = False  # real data: run SFT on --sft_data first (default: --model is already SFT'd); the built-in task always does
     compare: bool = False  # also run the uniform-weight ablation (SPIN) from the same SFT model with the same seeds
@@ -81,15 +84,32 @@ def response_mean(h: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
     return (h * m).sum(1) / m.sum(1)
 
 
+def decoder_input(batch: dict, reads_prompt: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the guide's decoder reads after the latent prefix: (ids, response mask, attention mask), (B, T').
+    reads_prompt: the collated rows [x; y] as they are. Otherwise each row's response alone, moved to the
+    left (rows are right-padded, the response is the contiguous run of labelled tokens), padded with 0."""
+    ids, response = batch["input_ids"], batch["labels"] != C.IGNORE_INDEX
+    if reads_prompt:
+        return ids, response, batch["attention_mask"]
+    lengths, first = response.sum(1), response.int().argmax(1)
+    offsets = torch.arange(int(lengths.max()), device=ids.device)
+    kept = offsets < lengths[:, None]
+    moved = ids.gather(1, (first[:, None] + offsets).clamp(max=ids.shape[1] - 1)) * kept
+    return moved, kept, kept.long()
+
+
 class GuideModel(nn.Module):
     """encoder  h = Enc(E[x; y] + P + S)  (bidirectional; S marks prompt vs response tokens)
                 phi(x, y) = W_z * mean_{t in y} h_t                       (pooled over response tokens)
        decoder  p(y_t | z, x, y_<t) = softmax(E^T Dec([W_p z; E[x; y_<t]] + P)_t)   (causal; z as a prefix)
        loss     L_rec = -(1/N) sum over response tokens of log p(y_t | phi(x, y), x, y_<t)
-    It shares the policy's tokenizer (E: its own embedding table over the policy's vocabulary, tied to the output)."""
+    (reads_prompt False: the decoder reads [W_p z; E[y_<t]], no x.) It shares the policy's tokenizer
+    (E: its own embedding table over the policy's vocabulary, tied to the output)."""
 
-    def __init__(self, vocab_size: int, max_length: int, dim: int = 64, latent_dim: int = 64, layers: int = 2, heads: int = 4):
+    def __init__(self, vocab_size: int, max_length: int, dim: int = 64, latent_dim: int = 64, layers: int = 2, heads: int = 4,
+                 reads_prompt: bool = False):
         super().__init__()
+        self.reads_prompt = reads_prompt  # False: the decoder rebuilds y from z alone, p(y_t | z, y_<t)
         self.embed = nn.Embedding(vocab_size, dim)
         self.position = nn.Embedding(max_length + 1, dim)  # + 1: the decoder's latent prefix
         self.segment = nn.Embedding(2, dim)  # 0 = prompt token, 1 = response token (encoder input)
@@ -112,9 +132,9 @@ class GuideModel(nn.Module):
         return self.to_latent(response_mean(h, response))
 
     def reconstruction_loss(self, batch: dict) -> torch.Tensor:
-        """L_rec: the decoder rebuilds the response from the latent prefix and the prompt (token mean)."""
-        ids, response = batch["input_ids"], batch["labels"] != C.IGNORE_INDEX
+        """L_rec: the decoder rebuilds the response from the latent prefix (and the prompt, if it reads it); token mean."""
         prefix = self.from_latent(self.encode(batch)).unsqueeze(1)
+        ids, response, _ = decoder_input(batch, self.reads_prompt)
         h = torch.cat([prefix, self.embed(ids)], 1) + self.position(torch.arange(ids.shape[1] + 1, device=ids.device))
         causal = nn.Transformer.generate_square_subsequent_mask(h.shape[1], device=ids.device)
         h = self.decoder(h, mask=causal, is_causal=True)[:, :-1]  # h[:, j] saw the prefix and tokens < j: predicts token j
@@ -127,10 +147,12 @@ class PolicyGuide(nn.Module):
     section 3): the same interface as GuideModel.
        encoder  phi(x, y) = W_z * mean_{t in y} Body(x; y)_t          (a copy of the policy's body)
        decoder  p(y_t | z, x, y_<t) = LM([W_p z; E[x; y_<t]])_t         (a copy of the policy, z as a prefix embedding)
-       loss     L_rec = -(1/N) sum over response tokens of log p(y_t | phi(x, y), x, y_<t)"""
+       loss     L_rec = -(1/N) sum over response tokens of log p(y_t | phi(x, y), x, y_<t)
+    (reads_prompt False: the decoder reads [W_p z; E[y_<t]], no x.)"""
 
-    def __init__(self, policy, latent_dim: int):
+    def __init__(self, policy, latent_dim: int, reads_prompt: bool = False):
         super().__init__()
+        self.reads_prompt = reads_prompt  # False: the decoder rebuilds y from z alone, p(y_t | z, y_<t)
         self.decoder = copy.deepcopy(policy).train()
         self.encoder = copy.deepcopy(getattr(policy, policy.base_model_prefix)).train()
         hidden = policy.config.get_text_config().hidden_size
@@ -142,10 +164,10 @@ class PolicyGuide(nn.Module):
         return self.to_latent(response_mean(h.float(), batch["labels"] != C.IGNORE_INDEX))
 
     def reconstruction_loss(self, batch: dict) -> torch.Tensor:
-        ids, response = batch["input_ids"], batch["labels"] != C.IGNORE_INDEX
         prefix = self.from_latent(self.encode(batch)).unsqueeze(1)
+        ids, response, seen = decoder_input(batch, self.reads_prompt)
         embeds = torch.cat([prefix.to(self.decoder.dtype), self.decoder.get_input_embeddings()(ids)], 1)
-        mask = torch.cat([torch.ones_like(batch["attention_mask"][:, :1]), batch["attention_mask"]], 1)
+        mask = torch.cat([torch.ones_like(seen[:, :1]), seen], 1)
         body = getattr(self.decoder, self.decoder.base_model_prefix)
         h = body(inputs_embeds=embeds, attention_mask=mask, position_ids=C.position_ids_from_mask(mask),
                  use_cache=False).last_hidden_state[:, :-1]  # h[:, j] saw the prefix and tokens < j: predicts token j
@@ -249,10 +271,11 @@ def self_play(name: str, weighting: str, policy, tokenizer, data: dict, cfg, *, 
     if weighting == "latent":  # the guide is seeded alike in every run and keeps training across iterations
         torch.manual_seed(cfg.seed)
         if cfg.guide == "policy":  # from the arm's starting policy (the SFT model)
-            guide = PolicyGuide(policy, cfg.latent_dim).to(device)
+            guide = PolicyGuide(policy, cfg.latent_dim, cfg.guide_reads_prompt).to(device)
         else:
             vocab_size = max(len(tokenizer), policy.config.vocab_size)  # the policy may sample ids of a padded vocabulary
-            guide = GuideModel(vocab_size, cfg.max_length, cfg.guide_dim, cfg.latent_dim, cfg.guide_layers, cfg.guide_heads).to(device)
+            guide = GuideModel(vocab_size, cfg.max_length, cfg.guide_dim, cfg.latent_dim, cfg.guide_layers, cfg.guide_heads,
+                               cfg.guide_reads_prompt).to(device)
         guide_optimizer = C.adamw(list(guide.parameters()), cfg.guide_lr)
         if checkpoint:
             guide.load_state_dict(checkpoint["extra"]["guide"])

@@ -100,10 +100,10 @@ def main() -> None:
     for guide_kind in guides:
         torch.manual_seed(cfg.seed)  # as ld_align.self_play builds it
         if guide_kind == "policy":
-            guide = ld_align.PolicyGuide(policy, cfg.latent_dim).to(device)
+            guide = ld_align.PolicyGuide(policy, cfg.latent_dim, cfg.guide_reads_prompt).to(device)
         else:
             guide = ld_align.GuideModel(max(len(tokenizer), policy.config.vocab_size), cfg.max_length, cfg.guide_dim,
-                                        cfg.latent_dim, cfg.guide_layers, cfg.guide_heads).to(device)
+                                        cfg.latent_dim, cfg.guide_layers, cfg.guide_heads, cfg.guide_reads_prompt).to(device)
         optimizer = C.adamw(list(guide.parameters()), cfg.guide_lr)
         seqs = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
         loss = ld_align.train_guide(guide, optimizer, seqs, cfg, pad_id=pad_id, seed=cfg.seed + 1, device=device,

@@ -7,7 +7,9 @@
     python experiments/study.py ppo          # two-stage PPO vs HBAT-PPO with and without a critic
     python experiments/study.py ld_align     # LD-Align (policy and scratch guides) vs SPIN (uniform weights), from the full SFT model
     python experiments/study.py headroom     # ... from the warm-started model (ld_align.py --sft_epochs 0: room for self-play)
-    python experiments/study.py all          # every table above
+    python experiments/study.py all          # every table above (on the tiny model)
+    python experiments/study.py smollm2 --seeds 0 1 2      # two-stage vs HBAT-DPO on SmolLM2-135M-Instruct (reduced; ~25 min)
+    python experiments/study.py smollm2_ld --seeds 0 1 2   # SPIN vs LD-Align on SmolLM2-135M-Instruct (reduced; ~45 min)
     python experiments/study.py curve --seeds 0 1 2 --jobs 1
 
 Every run is a plain command line of one of the scripts (printed), written to
@@ -53,9 +55,20 @@ EPOCHS = ("1", "2", "3")  # preference epochs (DPO passes over the preference da
 ROUNDS = ("1", "2", "5")  # HBAT's K (K = 1: one SFT stage, then one DPO stage under the penalty)
 
 
+GUIDE = ("--guide", "policy", "--no-guide_reads_prompt")  # ld_align.py's default guide, spelled out
+
+
 def ld_align(name: str, key: str, *args: str):
     return (name, "ld_align.py", ["--compare", *args], key)
 
+
+# SmolLM2-135M-Instruct on the built-in task (issue 9, item 8), reduced for 2 CPU cores: 128 SFT rows and
+# 128 preference pairs, 32 test prompts, batch 8, real-model learning rates. "SMOLLM2" stands for --smollm2.
+SMOLLM2 = ("--model", "SMOLLM2", "--n_sft", "128", "--eval_size", "32", "--batch_size", "8", "--sft_lr", "5e-5")
+SMOLLM2_HBAT = [*SMOLLM2, "--n_pref", "128", "--pref_lr", "5e-6", "--pref", "dpo", "--compare", *DEFAULT_EWC]
+# LD-Align from a partly SFT'd model (one epoch at 2e-5: room for self-play), two iterations
+SMOLLM2_LD = [*SMOLLM2[:-1], "2e-5", "--sft_epochs", "1", "--pref_lr", "5e-6", "--iterations", "2", "--guide_lr", "1e-4",
+              "--compare", *GUIDE]
 
 TABLES = {
     "ewc": {"baseline": "two-stage dpo", "arms": [
@@ -85,20 +98,39 @@ TABLES = {
           for e in EPOCHS],
         *[hbat(f"hbat dpo (rounds), K {k}", *DEFAULT_EWC, *([] if k == "5" else ["--rounds", k])) for k in ROUNDS],
     ], "figure": "curve.png"},
+    # hbat.py --compare: both arms optimise one reward model (the baseline's, from its SFT model)
     "ppo": {"baseline": "two-stage ppo", "arms": [
-        ("two-stage ppo", "two_stage_baseline.py", ["--pref", "ppo"], "sft+ppo"),
-        hbat("hbat ppo, critic", *DEFAULT_EWC, pref="ppo"),
-        hbat("hbat ppo, no critic", *DEFAULT_EWC, "--no-critic", pref="ppo"),
+        ("two-stage ppo", "hbat.py", ["--pref", "ppo", "--compare", *DEFAULT_EWC], "two-stage ppo"),
+        ("hbat ppo, critic", "hbat.py", ["--pref", "ppo", "--compare", *DEFAULT_EWC], "hbat ppo"),
+        ("two-stage ppo, no critic", "hbat.py", ["--pref", "ppo", "--compare", *DEFAULT_EWC, "--no-critic"], "two-stage ppo"),
+        ("hbat ppo, no critic", "hbat.py", ["--pref", "ppo", "--compare", *DEFAULT_EWC, "--no-critic"], "hbat ppo"),
+        ("two-stage ppo, alone", "two_stage_baseline.py", ["--pref", "ppo"], "sft+ppo"),
+        hbat("hbat ppo, critic, its own reward model (from round 1's SFT model)", *DEFAULT_EWC, pref="ppo"),
     ]},
     "ld_align": {"baseline": "spin (uniform), full SFT", "arms": [
-        ld_align("spin (uniform), full SFT", "spin", "--guide", "policy"),
-        ld_align("ld-align, policy guide, full SFT", "ld_align", "--guide", "policy"),
-        ld_align("ld-align, scratch guide, full SFT", "ld_align", "--guide", "scratch"),
+        ld_align("spin (uniform), full SFT", "spin", *GUIDE),
+        ld_align("ld-align, policy guide, full SFT", "ld_align", *GUIDE),
+        ld_align("ld-align, policy guide reading the prompt, full SFT", "ld_align", "--guide", "policy", "--guide_reads_prompt"),
+        ld_align("ld-align, scratch guide reading the prompt, full SFT", "ld_align", "--guide", "scratch", "--guide_reads_prompt"),
     ]},
     "headroom": {"baseline": "spin (uniform), headroom", "arms": [
-        ld_align("spin (uniform), headroom", "spin", "--guide", "policy", "--sft_epochs", "0"),
-        ld_align("ld-align, policy guide, headroom", "ld_align", "--guide", "policy", "--sft_epochs", "0"),
-        ld_align("ld-align, scratch guide, headroom", "ld_align", "--guide", "scratch", "--sft_epochs", "0"),
+        ld_align("spin (uniform), headroom", "spin", *GUIDE, "--sft_epochs", "0"),
+        ld_align("ld-align, policy guide, headroom", "ld_align", *GUIDE, "--sft_epochs", "0"),
+        ld_align("ld-align, policy guide reading the prompt, headroom", "ld_align", "--guide", "policy", "--guide_reads_prompt",
+                 "--sft_epochs", "0"),
+        ld_align("ld-align, scratch guide reading the prompt, headroom", "ld_align", "--guide", "scratch", "--guide_reads_prompt",
+                 "--sft_epochs", "0"),
+    ]},
+    "smollm2": {"baseline": "two-stage dpo", "jobs": 1, "arms": [
+        ("sft (the two-stage SFT model)", "hbat.py", SMOLLM2_HBAT, "two-stage sft"),
+        ("two-stage dpo", "hbat.py", SMOLLM2_HBAT, "two-stage dpo"),
+        ("hbat dpo (default EWC)", "hbat.py", SMOLLM2_HBAT, "hbat dpo"),
+        ("hbat dpo, no penalty (--ewc none)", "hbat.py", [*SMOLLM2_HBAT[:-len(DEFAULT_EWC) - 1], "--ewc", "none"], "hbat dpo"),
+    ]},
+    "smollm2_ld": {"baseline": "spin (uniform)", "jobs": 1, "arms": [
+        ("sft (1 epoch)", "ld_align.py", SMOLLM2_LD, "sft"),
+        ("spin (uniform)", "ld_align.py", SMOLLM2_LD, "spin"),
+        ("ld-align (policy guide)", "ld_align.py", SMOLLM2_LD, "ld_align"),
     ]},
 }
 
@@ -109,10 +141,11 @@ def run_folder(root: Path, script: str, args: list[str], seed: int) -> Path:
     return root / tag / f"seed{seed}"
 
 
-def run(script: str, args: list[str], seed: int, threads: int, root: Path) -> dict:
+def run(script: str, args: list[str], seed: int, threads: int, root: Path, smollm2: Path) -> dict:
     """One script run, or the results.json it saved earlier."""
     out = run_folder(root, script, args, seed)
     if not (out / "results.json").exists():
+        args = [str(smollm2) if a == "SMOLLM2" else a for a in args]
         command = [sys.executable, str(REPO / script), *args, "--seed", str(seed), "--output_dir", str(out), "--overwrite"]
         start = time.time()
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -142,7 +175,8 @@ def ewc_shares(results: list[dict]) -> str:
 
 def report(table: str, arms: list, baseline: str, runs: dict, seeds: list[int]) -> str:
     """Markdown: mean +- sd per arm, and each arm minus the baseline, paired by seed (and HBAT's ewc_share)."""
-    shares = {name: ewc_shares([runs[name, s]["results"] for s in seeds]) for name, *_ in arms}
+    shares = {name: ewc_shares([runs[name, s]["results"] for s in seeds]) if key.startswith("hbat") else ""
+              for name, _, _, key in arms}
     columns = ["arm", "rougeL", "gold reward", "rougeL - baseline", "reward - baseline", "ahead on rougeL / reward"]
     columns += ["ewc_share sft / pref"] if any(shares.values()) else []
     lines = [(f"### {table}: mean +- sd over seeds {' '.join(map(str, seeds))}; paired: arm minus {baseline}, "
@@ -201,18 +235,25 @@ def main() -> None:
     parser.add_argument("table", choices=[*TABLES, "all"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", type=Path, default=OUT, help="where the runs go (default runs/study)")
-    parser.add_argument("--jobs", type=int, default=2, help="scripts run at once (each with 2 // jobs threads, at least 1)")
+    parser.add_argument("--jobs", type=int, help="scripts run at once, each with cores // jobs threads (default: 2, "
+                        "and 1 for the smollm2 tables)")
+    parser.add_argument("--smollm2", type=Path, default=Path("/tmp/smollm2-135m"),
+                        help="the smollm2 tables' model: a folder built by ../shared/tools/smollm2_offline.py")
     known = parser.parse_args()
-    tables = list(TABLES) if known.table == "all" else [known.table]
-    threads = max(1, (os.cpu_count() or 2) // known.jobs)
+    tables = [t for t in TABLES if not t.startswith("smollm2")] if known.table == "all" else [known.table]
+    if known.table.startswith("smollm2") and not (known.smollm2 / "config.json").exists():
+        sys.exit(f"--smollm2 {known.smollm2}: no model there; build it with python ../shared/tools/smollm2_offline.py {known.smollm2}")
     for table in tables:
         spec = TABLES[table]
+        jobs = known.jobs or spec.get("jobs", 2)
+        threads = max(1, (os.cpu_count() or 2) // jobs)
         start = time.time()
         print(f"{table}: {len(spec['arms'])} arms x {len(known.seeds)} seeds", flush=True)
         # each distinct command line once (LD-Align and SPIN both come from one ld_align.py --compare run)
         commands = list(dict.fromkeys((arm[1], tuple(arm[2]), seed) for seed in known.seeds for arm in spec["arms"]))
-        with ThreadPoolExecutor(known.jobs) as pool:
-            results = dict(zip(commands, pool.map(lambda c: run(c[0], list(c[1]), c[2], threads, known.out), commands)))
+        with ThreadPoolExecutor(jobs) as pool:
+            results = dict(zip(commands, pool.map(lambda c: run(c[0], list(c[1]), c[2], threads, known.out, known.smollm2),
+                                                  commands)))
         runs = {(name, seed): {"final": results[script, tuple(args), seed][key], "results": results[script, tuple(args), seed]}
                 for seed in known.seeds for name, script, args, key in spec["arms"]}
         text = report(table, spec["arms"], spec["baseline"], runs, known.seeds)

@@ -141,8 +141,6 @@ CASES = [
     ("hbat_rounds_zero", "hbat.py", ["--rounds", "0"], ["--rounds must be in [1, inf); got 0"], False),
     ("hbat_empty_shard", "hbat.py", ["--rounds", "17"], ["--rounds 17 leaves an empty shard (16 SFT rows, 16 preference pairs)"], False),
     ("hbat_freeze_fraction", "hbat.py", ["--freeze_fraction", "1.5"], ["--freeze_fraction must be in [0, 1]; got 1.5"], False),
-    ("hbat_compare_ppo_without_judge", "hbat.py", REAL + ["--model", "{model}", "--eval_size", "2", "--pref", "ppo", "--compare"],
-     ["--compare --pref ppo on real data needs --reward_model"], False),
     ("hbat_bad_row", "hbat.py", ["--sft_data", "{data}/null_field.jsonl", "--pref_data", "{data}/pref.jsonl"],
      ["row 3: field 'completion' is null"], SUB),
     ("ld_align_weighting_unknown", "ld_align.py", ["--weighting", "cosine"], ["--weighting must be one of latent, uniform; got 'cosine'"], SUB),

@@ -301,6 +301,23 @@ def test_resume_without_a_checkpoint_starts_from_the_beginning(tmp_path, capsys)
     assert [row["stage"] for row in results["trajectory"]] == ["round 1 sft", "round 1 dpo"]
 
 
+def test_compare_with_ppo_gives_both_runs_one_reward_model(tmp_path, monkeypatch):
+    """--compare --pref ppo: every PPO stage, the baseline's and each of HBAT's, optimises the reward model
+    the baseline trained (saved in two_stage/reward_model/); HBAT trains none of its own."""
+    used, real_train_ppo, trained = [], C.train_ppo, []
+    monkeypatch.setattr(C, "train_ppo", lambda policy, ref, reward_model, *a, **k: (
+        used.append(params_of(reward_model)), real_train_ppo(policy, ref, reward_model, *a, **k))[1])
+    real_train_rm = C.train_reward_model
+    monkeypatch.setattr(C, "train_reward_model", lambda *a, **k: (trained.append(1), real_train_rm(*a, **k))[1])
+    hbat.main(config(tmp_path, pref="ppo", compare=True, rounds=2, ppo_epochs=1))
+    out = tmp_path / "run"
+    assert len(used) == 3 and len(trained) == 1 and not (out / "reward_model").exists()
+    saved = load_file(out / "two_stage" / "reward_model" / "model.safetensors")
+    for weights in used:
+        assert weights.keys() == saved.keys()
+        assert all(torch.equal(weights[n], saved[n]) for n in saved)
+
+
 @pytest.mark.parametrize("flag, value, message", [("ewc", "l2", "--ewc must be"), ("rounds", 0, "--rounds must be"),
                                                    ("rounds", 40, "leaves an empty shard"), ("fisher_samples", 0, "--fisher_samples")])
 def test_bad_settings_are_rejected_before_anything_is_written(tmp_path, flag, value, message):

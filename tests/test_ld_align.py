@@ -61,39 +61,57 @@ def test_guide_reconstruction_loss_falls_on_a_fixed_batch(tiny):
     assert last < 0.3 * first, (first, last)
 
 
-def test_policy_guide_loss_is_the_decoders_cross_entropy_after_the_latent_prefix(tiny):
+def test_decoder_input_without_the_prompt_is_each_response_moved_left():
+    """By hand: rows [x; y] right-padded; without the prompt the decoder reads y alone, left-aligned."""
+    seqs = [C.sequence([5, 6], [7, 8, 9]), C.sequence([5, 6, 4, 3], [2]), C.sequence([1], [3, 4])]
+    batch = C.collate(seqs, pad_id=0)
+    ids, response, seen = L.decoder_input(batch, reads_prompt=False)
+    assert ids.tolist() == [[7, 8, 9], [2, 0, 0], [3, 4, 0]]
+    assert response.tolist() == [[True] * 3, [True, False, False], [True, True, False]]
+    assert seen.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+    same = L.decoder_input(batch, reads_prompt=True)
+    assert same[0] is batch["input_ids"] and same[2] is batch["attention_mask"]
+    assert torch.equal(same[1], batch["labels"] != C.IGNORE_INDEX)
+
+
+@pytest.mark.parametrize("reads_prompt", [True, False])
+def test_policy_guide_loss_is_the_decoders_cross_entropy_after_the_latent_prefix(tiny, reads_prompt):
     """PolicyGuide by brute force: for one unpadded sequence at a time, the decoder (a copy of the policy)
-    runs on [W_p phi(x, y); embeddings of x, y] through its own forward, and the output at the position
-    before each response token scores it; the batched, padded loss is the token mean of those."""
+    runs on [W_p phi(x, y); embeddings of x, y] (of y alone without the prompt) through its own forward,
+    and the output at the position before each response token scores it; the batched, padded loss is
+    the token mean of those."""
     model, tok = tiny
     seqs = gold_seqs(tok, 3)
     torch.manual_seed(1)
-    guide = L.PolicyGuide(model, latent_dim=8).eval()
+    guide = L.PolicyGuide(model, latent_dim=8, reads_prompt=reads_prompt).eval()
     assert guide.decoder is not model and torch.equal(guide.decoder.lm_head.weight, model.lm_head.weight)
     total, count = 0.0, 0
     with torch.no_grad():
         for s in seqs:
-            ids = torch.tensor([s["input_ids"]])
+            start = 0 if reads_prompt else s["labels"].count(C.IGNORE_INDEX)  # the decoder's input: [x; y] or y
+            ids, labels = torch.tensor([s["input_ids"][start:]]), s["labels"][start:]
             prefix = guide.from_latent(guide.encode(C.collate([s], tok.pad_token_id)))[:, None]
             embeds = torch.cat([prefix, guide.decoder.get_input_embeddings()(ids)], 1)
             logps = guide.decoder(inputs_embeds=embeds).logits.log_softmax(-1)[0]
-            for j, label in enumerate(s["labels"]):
+            for j, label in enumerate(labels):
                 if label != C.IGNORE_INDEX:  # output j (after the prefix and tokens < j) predicts token j
-                    total -= logps[j, s["input_ids"][j]].item()
+                    total -= logps[j, ids[0, j]].item()
                     count += 1
         batched = guide.reconstruction_loss(C.collate(seqs, tok.pad_token_id)).item()
     assert batched == pytest.approx(total / count, rel=1e-5)
 
 
-def test_policy_guide_starts_far_below_the_uniform_guess_and_learns(tiny):
+@pytest.mark.parametrize("reads_prompt", [True, False])
+def test_policy_guide_starts_far_below_the_uniform_guess_and_learns(tiny, reads_prompt):
     """The pretrained guide's decoder is a language model already: after the policy has seen the task
-    for a few steps its loss starts below ln |V|, and guide training halves it."""
+    for a few steps its loss starts below ln |V| (far below when it reads the prompt it can copy from),
+    and guide training halves it."""
     model, tok = tiny
     seqs = gold_seqs(tok, 16)
     cfg = dataclasses.replace(C.TrainConfig(), sft_epochs=2, batch_size=8, warmup_steps=0)
     C.train_sft(model, seqs, cfg, device=torch.device("cpu"), dtype=torch.float32, seed=0)
     torch.manual_seed(0)
-    guide, batch = L.PolicyGuide(model, latent_dim=8), C.collate(seqs, tok.pad_token_id)
+    guide, batch = L.PolicyGuide(model, latent_dim=8, reads_prompt=reads_prompt), C.collate(seqs, tok.pad_token_id)
     with torch.no_grad():
         first = guide.reconstruction_loss(batch).item()
     optimizer = torch.optim.AdamW(guide.parameters(), lr=1e-3)
@@ -103,15 +121,16 @@ def test_policy_guide_starts_far_below_the_uniform_guess_and_learns(tiny):
         optimizer.zero_grad()
     with torch.no_grad():
         last = guide.reconstruction_loss(batch).item()
-    assert first < math.log(len(tok)) - 0.5 and last < 0.5 * first, (first, last, math.log(len(tok)))
+    assert first < math.log(len(tok)) - (0.5 if reads_prompt else 0.1) and last < 0.5 * first, (first, last, math.log(len(tok)))
 
 
-def test_reconstruction_loss_is_the_response_token_cross_entropy(tiny):
+@pytest.mark.parametrize("reads_prompt", [True, False])
+def test_reconstruction_loss_is_the_response_token_cross_entropy(tiny, reads_prompt):
     """Brute force: run the decoder on one unpadded sequence at a time and sum -log p over response tokens."""
     _, tok = tiny
     seqs = gold_seqs(tok, 3)
     torch.manual_seed(1)
-    guide = L.GuideModel(len(tok), 128, dim=16, latent_dim=8, layers=1, heads=2).eval()
+    guide = L.GuideModel(len(tok), 128, dim=16, latent_dim=8, layers=1, heads=2, reads_prompt=reads_prompt).eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for s in seqs:
