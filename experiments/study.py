@@ -8,8 +8,8 @@
     python experiments/study.py ld_align     # LD-Align (policy and scratch guides) vs SPIN (uniform weights), from the full SFT model
     python experiments/study.py headroom     # ... from the warm-started model (ld_align.py --sft_epochs 0: room for self-play)
     python experiments/study.py all          # every table above (on the tiny model)
-    python experiments/study.py smollm2 --seeds 0 1 2      # two-stage vs HBAT-DPO on SmolLM2-135M-Instruct (reduced; ~25 min)
-    python experiments/study.py smollm2_ld --seeds 0 1 2   # SPIN vs LD-Align on SmolLM2-135M-Instruct (reduced; ~45 min)
+    python experiments/study.py smollm2 --seeds 0 1 2      # two-stage vs HBAT-DPO on SmolLM2-135M-Instruct (reduced; ~35 min)
+    python experiments/study.py smollm2_ld --seeds 0 1 2   # SPIN vs LD-Align on SmolLM2-135M-Instruct (reduced; ~35 min)
     python experiments/study.py curve --seeds 0 1 2 --jobs 1
 
 Every run is a plain command line of one of the scripts (printed), written to
