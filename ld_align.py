@@ -101,15 +101,15 @@ def decoder_input(batch: dict, reads_prompt: bool) -> tuple[torch.Tensor, torch.
 class GuideModel(nn.Module):
     """encoder  h = Enc(E[x; y] + P + S)  (bidirectional; S marks prompt vs response tokens)
                 phi(x, y) = W_z * mean_{t in y} h_t                       (pooled over response tokens)
-       decoder  p(y_t | z, x, y_<t) = softmax(E^T Dec([W_p z; E[x; y_<t]] + P)_t)   (causal; z as a prefix)
-       loss     L_rec = -(1/N) sum over response tokens of log p(y_t | phi(x, y), x, y_<t)
-    (reads_prompt False: the decoder reads [W_p z; E[y_<t]], no x.) It shares the policy's tokenizer
-    (E: its own embedding table over the policy's vocabulary, tied to the output)."""
+       decoder  p(y_t | z, y_<t) = softmax(E^T Dec([W_p z; E[y_<t]] + P)_t)   (causal; z as a prefix)
+       loss     L_rec = -(1/N) sum over response tokens of log p(y_t | phi(x, y), y_<t)
+    (reads_prompt: the decoder reads [W_p z; E[x; y_<t]], p(y_t | z, x, y_<t).) It shares the policy's
+    tokenizer (E: its own embedding table over the policy's vocabulary, tied to the output)."""
 
     def __init__(self, vocab_size: int, max_length: int, dim: int = 64, latent_dim: int = 64, layers: int = 2, heads: int = 4,
                  reads_prompt: bool = False):
         super().__init__()
-        self.reads_prompt = reads_prompt  # False: the decoder rebuilds y from z alone, p(y_t | z, y_<t)
+        self.reads_prompt = reads_prompt
         self.embed = nn.Embedding(vocab_size, dim)
         self.position = nn.Embedding(max_length + 1, dim)  # + 1: the decoder's latent prefix
         self.segment = nn.Embedding(2, dim)  # 0 = prompt token, 1 = response token (encoder input)
@@ -146,13 +146,13 @@ class PolicyGuide(nn.Module):
     """The guiding auto-encoder built from a pretrained transformer, the starting policy (METHODS.md
     section 3): the same interface as GuideModel.
        encoder  phi(x, y) = W_z * mean_{t in y} Body(x; y)_t          (a copy of the policy's body)
-       decoder  p(y_t | z, x, y_<t) = LM([W_p z; E[x; y_<t]])_t         (a copy of the policy, z as a prefix embedding)
-       loss     L_rec = -(1/N) sum over response tokens of log p(y_t | phi(x, y), x, y_<t)
-    (reads_prompt False: the decoder reads [W_p z; E[y_<t]], no x.)"""
+       decoder  p(y_t | z, y_<t) = LM([W_p z; E[y_<t]])_t               (a copy of the policy, z as a prefix embedding)
+       loss     L_rec = -(1/N) sum over response tokens of log p(y_t | phi(x, y), y_<t)
+    (reads_prompt: the decoder reads [W_p z; E[x; y_<t]], p(y_t | z, x, y_<t).)"""
 
     def __init__(self, policy, latent_dim: int, reads_prompt: bool = False):
         super().__init__()
-        self.reads_prompt = reads_prompt  # False: the decoder rebuilds y from z alone, p(y_t | z, y_<t)
+        self.reads_prompt = reads_prompt
         self.decoder = copy.deepcopy(policy).train()
         self.encoder = copy.deepcopy(getattr(policy, policy.base_model_prefix)).train()
         hidden = policy.config.get_text_config().hidden_size
@@ -173,6 +173,16 @@ class PolicyGuide(nn.Module):
                  use_cache=False).last_hidden_state[:, :-1]  # h[:, j] saw the prefix and tokens < j: predicts token j
         logits = self.decoder.get_output_embeddings()(h[response])
         return F.cross_entropy(logits.float(), ids[response])
+
+
+def build_guide(cfg, policy, tokenizer) -> nn.Module:
+    """The --guide model, seeded alike in every run: from the starting policy, or a scratch auto-encoder."""
+    torch.manual_seed(cfg.seed)
+    if cfg.guide == "policy":
+        return PolicyGuide(policy, cfg.latent_dim, cfg.guide_reads_prompt)
+    vocab_size = max(len(tokenizer), policy.config.vocab_size)  # the policy may sample ids of a padded vocabulary
+    return GuideModel(vocab_size, cfg.max_length, cfg.guide_dim, cfg.latent_dim, cfg.guide_layers, cfg.guide_heads,
+                      cfg.guide_reads_prompt)
 
 
 def train_guide(guide: nn.Module, optimizer, seqs: list[dict], cfg, *, pad_id: int, seed: int, device, log=None,
@@ -269,13 +279,7 @@ def self_play(name: str, weighting: str, policy, tokenizer, data: dict, cfg, *, 
     pad_id = tokenizer.pad_token_id
     guide = guide_optimizer = None
     if weighting == "latent":  # the guide is seeded alike in every run and keeps training across iterations
-        torch.manual_seed(cfg.seed)
-        if cfg.guide == "policy":  # from the arm's starting policy (the SFT model)
-            guide = PolicyGuide(policy, cfg.latent_dim, cfg.guide_reads_prompt).to(device)
-        else:
-            vocab_size = max(len(tokenizer), policy.config.vocab_size)  # the policy may sample ids of a padded vocabulary
-            guide = GuideModel(vocab_size, cfg.max_length, cfg.guide_dim, cfg.latent_dim, cfg.guide_layers, cfg.guide_heads,
-                               cfg.guide_reads_prompt).to(device)
+        guide = build_guide(cfg, policy, tokenizer).to(device)
         guide_optimizer = C.adamw(list(guide.parameters()), cfg.guide_lr)
         if checkpoint:
             guide.load_state_dict(checkpoint["extra"]["guide"])

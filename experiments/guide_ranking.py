@@ -22,6 +22,7 @@ edit. On the guide's own training pairs it also compares samples that state the 
 reward >= 1, differing only in join words) with samples that get a fact wrong. All other flags are
 ld_align.py's.
 """
+import dataclasses
 import random
 import sys
 from pathlib import Path
@@ -98,12 +99,7 @@ def main() -> None:
           " | ".join(f"{e} > join" for e in EDITS[1:]) + " | d sample, facts right | d sample, a fact wrong |")
     print("|---" * (2 + 2 * len(EDITS) + 1) + "|")
     for guide_kind in guides:
-        torch.manual_seed(cfg.seed)  # as ld_align.self_play builds it
-        if guide_kind == "policy":
-            guide = ld_align.PolicyGuide(policy, cfg.latent_dim, cfg.guide_reads_prompt).to(device)
-        else:
-            guide = ld_align.GuideModel(max(len(tokenizer), policy.config.vocab_size), cfg.max_length, cfg.guide_dim,
-                                        cfg.latent_dim, cfg.guide_layers, cfg.guide_heads, cfg.guide_reads_prompt).to(device)
+        guide = ld_align.build_guide(dataclasses.replace(cfg, guide=guide_kind), policy, tokenizer).to(device)
         optimizer = C.adamw(list(guide.parameters()), cfg.guide_lr)
         seqs = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
         loss = ld_align.train_guide(guide, optimizer, seqs, cfg, pad_id=pad_id, seed=cfg.seed + 1, device=device,

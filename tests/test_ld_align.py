@@ -61,6 +61,16 @@ def test_guide_reconstruction_loss_falls_on_a_fixed_batch(tiny):
     assert last < 0.3 * first, (first, last)
 
 
+@pytest.mark.parametrize("kind", ["policy", "scratch"])
+def test_build_guide_is_the_chosen_guide_seeded_alike(tiny, kind):
+    model, tok = tiny
+    cfg = tiny_config("unused", guide=kind, guide_reads_prompt=True)
+    first, second = L.build_guide(cfg, model, tok), L.build_guide(cfg, model, tok)
+    assert isinstance(first, L.PolicyGuide if kind == "policy" else L.GuideModel) and first.reads_prompt
+    assert same(first.state_dict(), second.state_dict())  # seeded with --seed: every run builds the same guide
+    assert not L.build_guide(dataclasses.replace(cfg, guide_reads_prompt=False), model, tok).reads_prompt
+
+
 def test_decoder_input_without_the_prompt_is_each_response_moved_left():
     """By hand: rows [x; y] right-padded; without the prompt the decoder reads y alone, left-aligned."""
     seqs = [C.sequence([5, 6], [7, 8, 9]), C.sequence([5, 6, 4, 3], [2]), C.sequence([1], [3, 4])]
