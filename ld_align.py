@@ -1,9 +1,8 @@
 """LD-Align, Latent Distance Guided Alignment (arXiv 2404.06390): annotation-free alignment to an SFT data set.
 
-Self-play as in SPIN: the gold SFT response is the chosen answer, the policy's own sample the rejected
-one. A guiding auto-encoder, trained on both, maps each (prompt, response) to a latent vector; the
-farther the sample's latent lies from the gold one, the more that pair weighs in the DPO-style loss.
-For iterations t = 1..T:
+Self-play as in SPIN: the gold SFT response is the chosen answer, the policy's own sample the rejected one.
+A guiding auto-encoder, trained on both, maps each (prompt, response) to a latent vector; the farther the
+sample's latent lies from the gold one, the more that pair weighs in the DPO-style loss. For t = 1..T:
 
     sample     y_gen ~ pi_{t-1}(. | x)                               one per training prompt
     guide      L_rec = -(1/|y|) sum_t log p_dec(y_t | phi(x, y), y_<t)       on gold and generated y
@@ -15,10 +14,10 @@ For iterations t = 1..T:
                                                        - (log pi(y_gen|x)  - log pi_{t-1}(y_gen|x))])
 
 with pi_{t-1} (the policy at the start of the iteration) frozen as the reference. The paper's full text
-was not available: the guiding model's shape, the distance, the weight formula and the schedule are
-this project's decisions (../shared/METHODS.md section 3), each a flag below.
+was not available: the guide's shape, the distance, the weight formula and the schedule are this
+project's decisions (README, "LD-Align"), each a flag below.
 
-    python ld_align.py                  # built-in task, tiny model: SFT, then 3 LD-Align iterations (CPU)
+    python ld_align.py                  # built-in task, tiny model: SFT, then 3 LD-Align iterations (CPU, ~75 s)
     python ld_align.py --compare        # and the uniform-weight ablation (SPIN) from the same SFT model
     python ld_align.py --model DIR --sft_data FILE --pref_lr 5e-7   # real data: --model is already SFT'd
     torchrun --nproc_per_node N ld_align.py ...                      # N processes: DDP, or --fsdp to shard the models
@@ -26,9 +25,7 @@ this project's decisions (../shared/METHODS.md section 3), each a flag below.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -39,38 +36,31 @@ import common as C
 
 @dataclass
 class Config(C.TrainConfig):
-    """LD-Align: self-play DPO weighted by a guiding auto-encoder's latent distance. Shared settings
-    are documented in common.TrainConfig (--pref_lr, --pref_epochs, --beta: the DPO step of each iteration)."""
-    iterations: int = 3  # self-play iterations T (sample, train the guide, weighted DPO against the previous iterate)
-    weighting: str = "latent"  # pair weights: latent (w = d / mean d, clipped: LD-Align) | uniform (w = 1: SPIN)
-    pref_lr: float = 5e-5  # DPO learning rate in every iteration (tiny model; the baseline's 2e-4 makes self-play drift, see README)
-    w_max: float = 5.0  # latent weights are clipped to [0, w_max]
-    latent_dim: int = 64  # size of the guiding model's latent phi(x, y)
-    guide: str = "policy"  # guiding model: policy (built from the starting policy: see PolicyGuide) | scratch (a small transformer auto-encoder)
-    guide_dim: int = 64  # guiding model width (encoder and decoder)
-    guide_layers: int = 2  # transformer layers in the guide's encoder, and in its decoder
-    guide_heads: int = 4  # attention heads in the guiding model
-    guide_epochs: int = 1  # guiding-model passes per iteration over that iteration's gold and generated responses
-    guide_lr: float = 1e-3  # guiding-model learning rate (one AdamW, kept across iterations)
+    """LD-Align: self-play DPO weighted by a guiding auto-encoder's latent distance. Shared settings: common.TrainConfig
+    (--pref_lr, --pref_epochs, --beta: the DPO step of each iteration)."""
+    iterations: int = 3  # self-play iterations T (sample, train the guide, weighted DPO against the previous iterate) [1, inf)
+    weighting: str = "latent"  # pair weights: latent (w = d / mean d, clipped: LD-Align) or uniform (w = 1: SPIN) {latent, uniform}
+    pref_lr: float = 5e-5  # DPO learning rate in every iteration (tiny model; the baseline's 2e-4 makes self-play drift) (0, inf)
+    w_max: float = 5.0  # latent weights are clipped to [0, w_max] (0, inf)
+    latent_dim: int = 64  # size of the guiding model's latent phi(x, y) [1, inf)
+    guide: str = "policy"  # guiding model: policy (built from the starting policy: PolicyGuide) or scratch (a small transformer auto-encoder) {policy, scratch}
+    guide_dim: int = 64  # --guide scratch: width of encoder and decoder [1, inf)
+    guide_layers: int = 2  # --guide scratch: transformer layers in the encoder, and in the decoder [1, inf)
+    guide_heads: int = 4  # --guide scratch: attention heads [1, inf)
+    guide_epochs: int = 1  # guide passes per iteration over that iteration's gold and generated responses [1, inf)
+    guide_lr: float = 1e-3  # guide learning rate (one AdamW, kept across iterations; ~1e-4 for a real model's policy guide) (0, inf)
     guide_reads_prompt: bool = False  # decoder p(y | z): y rebuilt from the latent alone, which must carry what y says (README); True: p(y | x, z), the paper's
     keep_identical: bool = False  # keep pairs whose sample equals the gold response (zero gradient; they only dilute the batch mean)
     sft_first: bool = False  # real data: run SFT on --sft_data first (default: --model is already SFT'd); the built-in task always does
     compare: bool = False  # also run the uniform-weight ablation (SPIN) from the same SFT model with the same seeds
     output_dir: str = "runs/ld_align"  # models (sft/, final/, final_spin/), checkpoint/, metrics.jsonl, results.json
-    RANGES = {"iterations": "[1, inf)", "w_max": "(0, inf)", "latent_dim": "[1, inf)", "guide_dim": "[1, inf)",
-              "guide_layers": "[1, inf)", "guide_heads": "[1, inf)", "guide_epochs": "[1, inf)", "guide_lr": "(0, inf)"}
-    CHOICES = {"weighting": ("latent", "uniform"), "guide": ("policy", "scratch")}
 
 
-def check_ld_config(cfg: Config) -> None:
-    problems = []
-    if cfg.compare and cfg.weighting != "latent":
-        problems.append("--compare runs the uniform ablation beside --weighting latent; drop one of them")
-    if cfg.guide == "policy" and cfg.fsdp:
-        problems.append("--guide policy (the default) copies the policy whole: run it without --fsdp, or add --guide scratch")
-    if cfg.guide_heads >= 1 and cfg.guide_dim % cfg.guide_heads:
-        problems.append(f"--guide_dim {cfg.guide_dim} must be a multiple of --guide_heads {cfg.guide_heads}")
-    C.check_config(cfg, need_pref=False, problems=problems)
+def check(cfg: Config) -> list[str]:
+    rules = [(cfg.compare and cfg.weighting != "latent", "--compare runs the uniform ablation beside --weighting latent; drop one of them"),
+             (cfg.guide == "policy" and cfg.fsdp, "--guide policy (the default) copies the policy whole: run it without --fsdp, or add --guide scratch"),
+             (cfg.guide_heads >= 1 and cfg.guide_dim % cfg.guide_heads, f"--guide_dim {cfg.guide_dim} must be a multiple of --guide_heads {cfg.guide_heads}")]
+    return [message for broken, message in rules if broken]
 
 
 # ============================================================================================
@@ -197,7 +187,7 @@ def train_guide(guide: nn.Module, optimizer, seqs: list[dict], cfg, *, pad_id: i
             whole = [seqs[i] for i in order[start:start + cfg.batch_size]]
             mine = C.my_share(whole)
             part = mine or whole[:1]  # (a rank with no rows runs a zero-weighted one, so every rank has gradients)
-            share = sum(map(response_length, mine)) / sum(map(response_length, whole))  # 1.0 with one process
+            share = sum(map(C.response_tokens, mine)) / sum(map(C.response_tokens, whole))  # 1.0 with one process
             loss = guide.reconstruction_loss(C.to_device(C.collate(part, pad_id), device)) * share
             loss.backward()
             loss_value = C.sum_over_ranks(loss.detach()).item()
@@ -208,10 +198,6 @@ def train_guide(guide: nn.Module, optimizer, seqs: list[dict], cfg, *, pad_id: i
         if log is not None:
             log({"stage": desc, "epoch": epoch + 1, "loss/guide": sum(losses) / len(losses)})
     return sum(losses) / len(losses)
-
-
-def response_length(seq: dict) -> int:
-    return sum(label != C.IGNORE_INDEX for label in seq["labels"])
 
 
 @torch.no_grad()
@@ -255,9 +241,8 @@ def self_play_pairs(policy, examples: list[dict], cfg, *, tokenizer, seed: int, 
         prompts.append(C.keep_last(e["input_ids"][:n_prompt], room, bos))
         golds.append(e["input_ids"][n_prompt:])
     C.seed_everything(seed)  # sampling draws from torch's global generator: same seed, same samples
-    samples = C.generate(policy, prompts, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
-                         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, device=device, dtype=dtype,
-                         do_sample=True, temperature=cfg.temperature, desc=desc)
+    samples = C.generate(policy, prompts, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=cfg.max_new_tokens,
+                         batch_size=cfg.eval_batch_size, device=device, dtype=dtype, do_sample=True, temperature=cfg.temperature, desc=desc)
     pairs = []
     for prompt_ids, gold, sample in zip(prompts, golds, samples):
         cut = C.truncate(prompt_ids, [gold, sample], cfg.max_length, cfg.max_prompt_length, bos)
@@ -267,48 +252,66 @@ def self_play_pairs(policy, examples: list[dict], cfg, *, tokenizer, seed: int, 
 
 
 # ============================================================================================
-# One self-play run ("arm"): T iterations from the starting model
+# Self-play
 # ============================================================================================
 
 
-def self_play(name: str, weighting: str, policy, tokenizer, data: dict, cfg, *, state: dict, checkpoint: dict | None,
-              out: Path, device, dtype, score_fn, log) -> None:
-    """Runs the arm's iterations on `policy` in place, from where `checkpoint` left off (or from t = 1).
-    Each iteration appends its row to state["trajectory"], records the arm's latest metrics and
-    examples, and saves a checkpoint (the policy, and the guide with its optimizer)."""
-    pad_id = tokenizer.pad_token_id
+def self_play(cfg: Config, state: dict, *, sample, weigh, train, after_iteration) -> None:
+    """LD-Align (SPIN with uniform weights). For iteration t = 1..T, from state["iteration"] on:
+       1. sample: one response per training prompt from pi_{t-1}, paired with the gold response;
+       2. weigh: the guide trained on gold and generated responses, then w_i from the latent distances (identical
+          samples dropped: their margin is 0 whatever pi is);
+       3. train: weighted DPO against pi_{t-1}, frozen;
+       4. after_iteration: evaluation and a checkpoint (handed in)."""
+    for t in range(state["iteration"] + 1, cfg.iterations + 1):
+        pairs, stats = sample(t)
+        pairs, weigh_stats = weigh(pairs, t)
+        train(pairs, t)
+        stats |= weigh_stats
+        after_iteration(t, stats)
+
+
+def run_arm(name: str, weighting: str, policy, run, state: dict, checkpoint: dict | None, score_fn, log) -> None:
+    """One self-play arm on `policy`, in place, from where `checkpoint` left off (or from t = 1). Each
+    iteration adds its row to state["trajectory"] and saves a checkpoint (the policy, the guide and its optimizer)."""
+    cfg, tokenizer, device, dtype = run.cfg, run.tokenizer, run.device, run.dtype
     guide = guide_optimizer = None
-    if weighting == "latent":  # the guide is seeded alike in every run and keeps training across iterations
+    if weighting == "latent":  # the guide is seeded alike in every run, and keeps training across iterations
         guide = build_guide(cfg, policy, tokenizer).to(device)
-        guide_optimizer = C.adamw(list(guide.parameters()), cfg.guide_lr)
+        guide_optimizer = C.adamw(list(guide.parameters()), cfg, cfg.guide_lr)
         if checkpoint:
             guide.load_state_dict(checkpoint["extra"]["guide"])
             guide_optimizer.load_state_dict(checkpoint["extra"]["guide_optimizer"])
-    for t in range(checkpoint["iteration"] + 1 if checkpoint else 1, cfg.iterations + 1):
-        # ------------------------------------------------ self-play pairs from pi_{t-1}, which is also the reference
-        pairs = self_play_pairs(policy, data["sft"], cfg, tokenizer=tokenizer, seed=cfg.seed + t, device=device,
-                                dtype=dtype, desc=f"{name} sample {t}")
-        stats = {"identical": sum(p["chosen"] == p["rejected"] for p in pairs) / len(pairs)}  # sample == gold
+
+    def sample(t):
+        pairs = self_play_pairs(policy, run.data["sft"], cfg, tokenizer=tokenizer, seed=cfg.seed + t, device=device, dtype=dtype,
+                                desc=f"{name} sample {t}")
+        return pairs, {"identical": sum(p["chosen"] == p["rejected"] for p in pairs) / len(pairs)}  # samples equal to the gold
+
+    def weigh(pairs, t):  # -> (the pairs that train, each with its "weight"; stats)
         guide_seqs = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
-        if not cfg.keep_identical:  # y_gen == y_gold: h == 0 whatever pi is, so no gradient; d == 0
+        if not cfg.keep_identical:  # y_gen == y_gold: h == 0 whatever pi is, so no gradient (and d == 0)
             pairs = [p for p in pairs if p["chosen"] != p["rejected"]]
-        distances = None
-        if weighting == "latent":  # ------------------------ guide: train on gold + generated, then measure d
-            stats["guide_loss"] = train_guide(guide, guide_optimizer, guide_seqs, cfg, pad_id=pad_id, seed=cfg.seed + t,
-                                              device=device, log=log, desc=f"{name} guide {t}")
-            distances = latent_distances(guide, pairs, pad_id=pad_id, batch_size=cfg.eval_batch_size, device=device)
-        if pairs:
-            weights = pair_weights(distances, weighting, cfg.w_max, len(pairs))
-            if distances is not None:
-                stats.update({"d_mean": distances.mean().item(), "d_min": distances.min().item(), "d_max": distances.max().item(),
-                              "clipped": (distances > cfg.w_max * distances.mean()).float().mean().item()})
-            for pair, w in zip(pairs, weights.tolist()):
-                pair["weight"] = w  # common.train_dpo: loss = (1/n) sum_i w_i * l_i
-            # -------------------------------------------- weighted self-play DPO against the frozen pi_{t-1} (the policy now)
+        if guide is None:
+            return [{**p, "weight": 1.0} for p in pairs], {}
+        stats = {"guide_loss": train_guide(guide, guide_optimizer, guide_seqs, cfg, pad_id=tokenizer.pad_token_id, seed=cfg.seed + t,
+                                           device=device, log=log, desc=f"{name} guide {t}")}
+        if not pairs:
+            return pairs, stats
+        distances = latent_distances(guide, pairs, pad_id=tokenizer.pad_token_id, batch_size=cfg.eval_batch_size, device=device)
+        weights = pair_weights(distances, weighting, cfg.w_max, len(pairs)).tolist()  # common.train_dpo: loss = (1/n) sum_i w_i l_i
+        return [{**p, "weight": w} for p, w in zip(pairs, weights)], stats | {
+            "d_mean": distances.mean().item(), "d_min": distances.min().item(), "d_max": distances.max().item(),
+            "clipped": (distances > cfg.w_max * distances.mean()).float().mean().item()}
+
+    def train(pairs, t):
+        if pairs:  # weighted self-play DPO against the frozen pi_{t-1}: the policy now
             C.train_dpo(policy, pairs, cfg, device=device, dtype=dtype, seed=cfg.seed + t, desc=f"{name} dpo {t}", log=log)
         else:
             print(f"[{name} {t}/{cfg.iterations}] every sample equals its gold response: no pair to train on")
-        metrics, outputs = C.evaluate(policy, tokenizer, data["test"], cfg, device=device, dtype=dtype, score_fn=score_fn,
+
+    def after_iteration(t, stats):
+        metrics, outputs = C.evaluate(policy, tokenizer, run.data["test"], cfg, device=device, dtype=dtype, score_fn=score_fn,
                                       against=state["sft_outputs"], desc=f"eval {name} {t}")
         row = {"arm": name, "iteration": t, **metrics, **stats}
         log({"stage": f"iteration {name}", **row})
@@ -316,99 +319,61 @@ def self_play(name: str, weighting: str, policy, tokenizer, data: dict, cfg, *, 
         state["trajectory"].append(row)
         state["finals"][name], state["examples"][name], state["iteration"] = metrics, outputs["responses"][:5], t
         extra = {"guide": guide.state_dict(), "guide_optimizer": guide_optimizer.state_dict()} if guide else None
-        C.save_checkpoint(out, cfg, state, policy, tokenizer, extra)
+        C.save_checkpoint(run, state, policy, extra, reads=["sft"] if (run.out / "sft").exists() else [])
 
-
-def resume_point(state: dict, arms: list) -> str:
-    """Where a checkpoint stands, in words: after SFT, after an iteration of an arm, or after a whole arm."""
-    if state["iteration"]:
-        return f"iteration {state['iteration']} of {arms[state['arm']][0]}"
-    return "SFT" if state["arm"] == 0 else arms[state["arm"] - 1][0]
+    self_play(cfg, state, sample=sample, weigh=weigh, train=train, after_iteration=after_iteration)
 
 
 # ============================================================================================
-# Main: starting model, the arm(s), report
+# Main: the starting model, the arm(s), the report
 # ============================================================================================
 
 
 def main(cfg: Config) -> dict:
-    # ---------------------------------------------------------------- set-up: every check before any file is written
-    check_ld_config(cfg)
-    device, out = C.pick_device(cfg.device), Path(cfg.output_dir)
-    dtype = C.pick_dtype(cfg.dtype, device)
-    checkpoint = C.load_checkpoint(out, cfg) if cfg.resume else None  # after SFT, or after an arm's iteration
-    run_sft = not cfg.sft_data or cfg.sft_first  # the built-in task always starts with SFT
-    C.seed_everything(cfg.seed)
-    start_from = str(out / "sft") if checkpoint and run_sft else cfg.model
-    policy, tokenizer = C.load_model_and_tokenizer(start_from, cfg.trust_remote_code, cfg.seed)
-    data = C.load_data(cfg, tokenizer, need_pref=False)  # raises on bad rows before anything is trained or written
-    judge = C.load_reward_model(cfg.reward_model, tokenizer, cfg.trust_remote_code) if cfg.reward_model else None
+    run = C.prepare(cfg, need_pref=False, problems=check(cfg))
+    checkpoint, run_sft = run.checkpoint, not cfg.sft_data or cfg.sft_first  # the built-in task always starts with SFT
+    policy = C.load_model(str(run.out / "sft") if checkpoint and run_sft else cfg.model, run.tokenizer, cfg.trust_remote_code, cfg.seed)
     resumed_policy = None  # the policy of an arm stopped mid-way
     if checkpoint and checkpoint["iteration"] > 0:
-        resumed_policy = C.load_model_and_tokenizer(str(checkpoint["folder"]), cfg.trust_remote_code)[0]
-    C.start_output(cfg, fresh=checkpoint is None)
-    log = C.open_log(out, checkpoint["metrics_lines"] if checkpoint else 0)
-    for model in (policy, judge, resumed_policy):  # on the device; with --fsdp, sharded
-        if model is not None:
-            C.place(model, cfg, device)
-    print(f"{len(data['sft'])} SFT rows, {len(data['test'])} test prompts; model {cfg.model} "
-          f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters) on {device}, {dtype}")
-    if checkpoint:
-        C.restore_rng(checkpoint["rng"])  # after loading every model
-    score_fn, score_name = C.preference_scorer(data["builtin"], judge, judge is not None, tokenizer, cfg, device, dtype)
+        resumed_policy = C.load_model(str(checkpoint["folder"]), run.tokenizer, cfg.trust_remote_code)
+    log = C.begin(run, policy, resumed_policy)
+    tokenizer, data, device, dtype = run.tokenizer, run.data, run.device, run.dtype
+    score_fn, score_name = C.preference_scorer(data["builtin"], run.judge, run.judge is not None, tokenizer, cfg, device, dtype)
     arms = [("ld_align" if cfg.weighting == "latent" else "spin", cfg.weighting)] + ([("spin", "uniform")] if cfg.compare else [])
 
     # ---------------------------------------------------------------- the starting model: SFT (built-in task) or --model
     if checkpoint is None:
-        if cfg.resume:
-            print(f"--resume: no checkpoint in {out}; starting from the beginning")
         if run_sft:
             C.train_sft(policy, data["sft"], cfg, device=device, dtype=dtype, seed=cfg.seed, desc="sft", log=log)
-            C.save_model(policy, tokenizer, out / "sft")
-        sft_metrics, sft_outputs = C.evaluate(policy, tokenizer, data["test"], cfg, device=device, dtype=dtype,
-                                              score_fn=score_fn, desc="eval sft")
+            C.save_model(policy, tokenizer, run.out / "sft")
+        sft_metrics, sft_outputs = C.evaluate(policy, tokenizer, data["test"], cfg, device=device, dtype=dtype, score_fn=score_fn,
+                                              desc="eval sft")
         log({"stage": "eval sft", **sft_metrics})
         state = {"arm": 0, "iteration": 0, "sft_outputs": sft_outputs, "trajectory": [{"arm": "sft", "iteration": 0, **sft_metrics}],
                  "finals": {"sft": sft_metrics}, "examples": {"sft": sft_outputs["responses"][:5]}}
-        C.save_checkpoint(out, cfg, state)
+        C.save_checkpoint(run, state, reads=["sft"] if run_sft else [])
     else:
         state = {k: checkpoint[k] for k in ("arm", "iteration", "sft_outputs", "trajectory", "finals", "examples")}
-        print(f"--resume: continuing {out} after {resume_point(state, arms)}")
 
     # ---------------------------------------------------------------- self-play: LD-Align (and SPIN with --compare)
-    final_dirs = [out / ("final" if i == 0 else f"final_{name}") for i, (name, _) in enumerate(arms)]
+    final_dirs = [run.out / ("final" if i == 0 else f"final_{name}") for i, (name, _) in enumerate(arms)]
     for i, (name, weighting) in enumerate(arms[state["arm"]:], start=state["arm"]):
         resumed = checkpoint if resumed_policy is not None and i == checkpoint["arm"] else None
-        if resumed:
-            arm_policy = resumed_policy
-        else:  # every arm starts from the same weights (the last one may take the starting model itself)
-            arm_policy = C.clone_model(policy) if i < len(arms) - 1 else policy
-        self_play(name, weighting, arm_policy, tokenizer, data, cfg, state=state, checkpoint=resumed, out=out,
-                  device=device, dtype=dtype, score_fn=score_fn, log=log)
+        # every arm starts from the same weights (the last one may take the starting model itself)
+        arm_policy = resumed_policy if resumed else C.clone_model(policy) if i < len(arms) - 1 else policy
+        run_arm(name, weighting, arm_policy, run, state, resumed, score_fn, log)
         C.save_model(arm_policy, tokenizer, final_dirs[i])
         state["arm"], state["iteration"] = i + 1, 0
-        C.save_checkpoint(out, cfg, state)
+        C.save_checkpoint(run, state, reads=["sft"] if run_sft else [])
 
-    # ---------------------------------------------------------------- report: final models and the trajectory
-    trajectory = state["trajectory"]
-    results = {"config": dataclasses.asdict(cfg), "reward_metric": score_name, "data": data["counts"], **state["finals"],
-               "trajectory": trajectory,
-               "examples": [{"prompt": t["prompt"], "reference": t["reference"], **{k: v[j] for k, v in state["examples"].items()}}
-                            for j, t in enumerate(data["test"][:5])]}
-    C.write_json(out / "results.json", results)
-    by_iteration = sorted(trajectory[1:], key=lambda r: r["iteration"])  # arms side by side, iteration by iteration
+    # ---------------------------------------------------------------- report: arms side by side, iteration by iteration
+    by_iteration = sorted(state["trajectory"][1:], key=lambda r: r["iteration"])
     columns = {"sft": state["finals"]["sft"]} | {f"{r['arm']} {r['iteration']}": {k: v for k, v in r.items() if k not in ("arm", "iteration")}
                                                 for r in by_iteration}
-    print("\n" + C.format_table(columns))
-    print(f"rougeL: F1 against the reference (instruction following); reward: {score_name}; win_rate: against the "
-          f"SFT model's response, by reward (ties 1/2); length: response tokens; identical: samples equal to the gold "
-          f"response; d_*: latent distances; clipped: weights cut at --w_max; guide_loss: reconstruction loss")
-    print(f"\nexample prompt: {results['examples'][0]['prompt']}")
-    for key in ("reference", *state["examples"]):
-        print(f"  {key + ':':11}{results['examples'][0][key]}")
-    saved = ([out / "sft"] if run_sft else []) + final_dirs
-    print(f"\nsaved {', '.join(map(str, saved))}, {out / 'results.json'}")
-    return results
+    return C.finish(run, {"reward_metric": score_name, **state["finals"], "trajectory": state["trajectory"]}, columns,
+                    "win_rate: against the SFT model's response, by reward (ties 1/2); identical: samples equal to the gold "
+                    "response; d_*: latent distances; clipped: weights cut at --w_max; guide_loss: reconstruction loss",
+                    state["examples"], ([run.out / "sft"] if run_sft else []) + final_dirs)
 
 
 if __name__ == "__main__":

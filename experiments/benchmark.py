@@ -140,11 +140,11 @@ def measure(args) -> dict:
         model.config.num_labels = 1  # a scalar head, as common.load_reward_model makes
         reward_model = AutoModelForSequenceClassification.from_config(model.config).to(device).requires_grad_(False).eval()
         value_model = AutoModelForSequenceClassification.from_config(model.config).to(device)
-        optimizers = C.adamw(list(model.parameters()), 1e-6), C.adamw(list(value_model.parameters()), 1e-6)
+        optimizers = [C.stage_optimizer(list(m.parameters()), cfg, 1e-6, 10 ** 6) for m in (model, value_model)]
         reference = C.frozen_copy(model)
         ids = [C.encode_prompt(tokenizer, p) for p in prompts[: args.batch_size]]
         for _ in range(args.warmup + args.steps):  # a random model rarely samples EOS: rollouts run to response_len
-            C.ppo_step(model, reference, reward_model, value_model, ids, *optimizers, cfg, device=device, dtype=dtype)
+            C.ppo_step(model, reference, reward_model, value_model, ids, optimizers, cfg, device=device, dtype=dtype)
             tick()
     elif side == "trl":
         run_trl(stage, model, tokenizer, prompts, responses, others, args, device, tick)

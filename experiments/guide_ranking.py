@@ -100,7 +100,7 @@ def main() -> None:
     print("|---" * (2 + 2 * len(EDITS) + 1) + "|")
     for guide_kind in guides:
         guide = ld_align.build_guide(dataclasses.replace(cfg, guide=guide_kind), policy, tokenizer).to(device)
-        optimizer = C.adamw(list(guide.parameters()), cfg.guide_lr)
+        optimizer = C.adamw(list(guide.parameters()), cfg, cfg.guide_lr)
         seqs = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
         loss = ld_align.train_guide(guide, optimizer, seqs, cfg, pad_id=pad_id, seed=cfg.seed + 1, device=device,
                                     desc=f"guide {guide_kind}")

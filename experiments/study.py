@@ -7,6 +7,7 @@
     python experiments/study.py ppo          # two-stage PPO vs HBAT-PPO with and without a critic
     python experiments/study.py ld_align     # LD-Align (policy and scratch guides) vs SPIN (uniform weights), from the full SFT model
     python experiments/study.py headroom     # ... from the warm-started model (ld_align.py --sft_epochs 0: room for self-play)
+    python experiments/study.py hybrid       # two-stage, joint, HBAT (ours, the authors' schedule and recipe), plain alternation; DPO and PPO; + hybrid.png
     python experiments/study.py all          # every table above (on the tiny model)
     python experiments/study.py smollm2 --seeds 0 1 2      # two-stage vs HBAT-DPO on SmolLM2-135M-Instruct (reduced; ~35 min)
     python experiments/study.py smollm2_ld --seeds 0 1 2   # SPIN vs LD-Align on SmolLM2-135M-Instruct (reduced; ~35 min)
@@ -56,6 +57,28 @@ ROUNDS = ("1", "2", "5")  # HBAT's K (K = 1: one SFT stage, then one DPO stage u
 
 
 GUIDE = ("--guide", "policy", "--no-guide_reads_prompt")  # ld_align.py's default guide, spelled out
+
+# The hybrid table: two-stage, the joint objective, HBAT (default, with the authors' schedule, the authors' whole
+# recipe) and plain alternation, for DPO and PPO. `hbat.py --compare` runs two-stage and joint beside HBAT on the same
+# seed; with PPO every arm of a --compare run optimises one reward model, the baseline's (the same in every run of a
+# seed: the same SFT model and reward-model training).
+SCHEDULE = ("--lr_scheduler_type", "constant", "--warmup_steps", "10", "--schedule", "ours")  # the defaults, spelled out
+AUTHORS = ("--ewc", "released", "--schedule", "authors")  # their EWC and per-stage schedule
+AUTHORS_PPO = (*AUTHORS, "--no-critic", "--gamma", "0.95", "--kl_coef", "0.1")  # and their critic-free PPO settings
+
+
+def hybrid(pref: str) -> list:
+    compare = ["--pref", pref, "--compare", "--joint_coef", "1", *SCHEDULE]
+    alone = ["--pref", pref, "--compare", "--joint_coef", "0"]  # (with PPO, --compare gives the arm the baseline's reward model)
+    arms = [(f"two-stage {pref}", "hbat.py", [*compare, *DEFAULT_EWC], f"two-stage {pref}"),
+            (f"joint ({pref} + 1 x SFT loss)", "hbat.py", [*compare, *DEFAULT_EWC], f"joint {pref}"),
+            (f"hbat {pref} (default)", "hbat.py", [*compare, *DEFAULT_EWC], f"hbat {pref}"),
+            (f"hbat {pref}, default EWC, the authors' schedule", "hbat.py", [*alone, *DEFAULT_EWC, "--schedule", "authors"], f"hbat {pref}"),
+            (f"hbat {pref}, the authors' recipe", "hbat.py", [*alone, *(AUTHORS_PPO if pref == "ppo" else AUTHORS)], f"hbat {pref}"),
+            (f"plain alternation ({pref}, --ewc none)", "hbat.py", [*alone, "--ewc", "none", *SCHEDULE], f"hbat {pref}")]
+    if pref == "ppo":  # the baseline of the authors' recipe: two-stage with their critic-free PPO settings
+        arms.append(("two-stage ppo, the authors' PPO settings", "hbat.py", [*alone, *AUTHORS_PPO], "two-stage ppo"))
+    return arms
 
 
 def ld_align(name: str, key: str, *args: str):
@@ -107,6 +130,8 @@ TABLES = {
         ("two-stage ppo, alone", "two_stage_baseline.py", ["--pref", "ppo"], "sft+ppo"),
         hbat("hbat ppo, critic, its own reward model (from round 1's SFT model)", *DEFAULT_EWC, pref="ppo"),
     ]},
+    "hybrid_dpo": {"baseline": "two-stage dpo", "arms": hybrid("dpo"), "figure": "hybrid.png"},
+    "hybrid_ppo": {"baseline": "two-stage ppo", "arms": hybrid("ppo"), "figure": "hybrid.png"},
     "ld_align": {"baseline": "spin (uniform), full SFT", "arms": [
         ld_align("spin (uniform), full SFT", "spin", *GUIDE),
         ld_align("ld-align, policy guide, full SFT", "ld_align", *GUIDE),
@@ -230,19 +255,49 @@ def figure(arms: list, runs: dict, seeds: list[int], path: Path) -> None:
     print(f"figure: {path}")
 
 
+def hybrid_figure(tables: dict, seeds: list[int], path: Path) -> None:
+    """rougeL against gold reward, one point per arm (mean, error bars one sd over seeds), DPO and PPO side by side,
+    the SFT model as a reference point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, (table, (arms, runs)) in zip(axes, tables.items()):
+        for name, *_ in arms:
+            finals = [runs[name, s]["final"] for s in seeds]
+            sd = lambda m: statistics.stdev(f[m] for f in finals) if len(seeds) > 1 else 0  # noqa: E731
+            ax.errorbar(statistics.mean(f["reward"] for f in finals), statistics.mean(f["rougeL"] for f in finals),
+                        xerr=sd("reward"), yerr=sd("rougeL"), marker="o", capsize=3, label=name)
+        sft = [runs[arms[0][0], s]["results"]["two-stage sft"] for s in seeds]
+        ax.plot(statistics.mean(f["reward"] for f in sft), statistics.mean(f["rougeL"] for f in sft), "k*", markersize=10,
+                label="SFT model (two-stage)")
+        ax.set_xlabel("gold reward (preference)")
+        ax.set_ylabel("rougeL (instruction following)")
+        ax.set_title(f"{table.split('_')[1].upper()}: mean +- sd over {len(seeds)} seeds (tiny model, built-in task)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"figure: {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table", choices=[*TABLES, "all"])
+    parser.add_argument("table", choices=[*TABLES, "hybrid", "all"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", type=Path, default=OUT, help="where the runs go (default runs/study)")
     parser.add_argument("--jobs", type=int, help="scripts run at once, each with cores // jobs threads (default: 2, "
                         "and 1 for the smollm2 tables)")
     parser.add_argument("--smollm2", type=Path, default=Path("/tmp/smollm2-135m"),
-                        help="the smollm2 tables' model: a folder built by ../shared/tools/smollm2_offline.py")
+                        help="the smollm2 tables' model: a folder built by experiments/build_smollm2.py")
     known = parser.parse_args()
-    tables = [t for t in TABLES if not t.startswith("smollm2")] if known.table == "all" else [known.table]
+    tables = [t for t in TABLES if not t.startswith("smollm2")] if known.table == "all" else \
+        ["hybrid_dpo", "hybrid_ppo"] if known.table == "hybrid" else [known.table]
     if known.table.startswith("smollm2") and not (known.smollm2 / "config.json").exists():
-        sys.exit(f"--smollm2 {known.smollm2}: no model there; build it with python ../shared/tools/smollm2_offline.py {known.smollm2}")
+        sys.exit(f"--smollm2 {known.smollm2}: no model there; build it with python experiments/build_smollm2.py {known.smollm2}")
+    finished = {}
     for table in tables:
         spec = TABLES[table]
         jobs = known.jobs or spec.get("jobs", 2)
@@ -258,7 +313,11 @@ def main() -> None:
                 for seed in known.seeds for name, script, args, key in spec["arms"]}
         text = report(table, spec["arms"], spec["baseline"], runs, known.seeds)
         print("\n" + text + f"\n\n({time.time() - start:.0f} s)\n", flush=True)
-        if "figure" in spec:
+        if spec.get("figure") == "hybrid.png":
+            finished[table] = (spec["arms"], runs)
+            if {"hybrid_dpo", "hybrid_ppo"} <= set(finished):
+                hybrid_figure(finished, known.seeds, Path(__file__).resolve().parent / "hybrid.png")
+        elif "figure" in spec:
             figure(spec["arms"], runs, known.seeds, Path(__file__).resolve().parent / spec["figure"])
 
 

@@ -70,7 +70,7 @@ def all_metrics_lines(out: Path) -> int:
     """Lines in out's metrics.jsonl files (hbat --compare writes one per run). Known paths only: a walk of
     the folder while the script renames checkpoint.tmp would race it."""
     total = 0
-    for path in (out / "metrics.jsonl", out / "two_stage" / "metrics.jsonl"):
+    for path in (out / "metrics.jsonl", out / "two_stage" / "metrics.jsonl", out / "joint" / "metrics.jsonl"):
         try:
             total += len(path.read_text().splitlines())
         except FileNotFoundError:
@@ -112,7 +112,7 @@ def kill_and_resume(tmp_path):
         for name in tensors:
             a, b = load_file(whole / name), load_file(out / name)
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{name} differs (killed at line {kill_at})"
-        for name in ("metrics.jsonl", "two_stage/metrics.jsonl") if (whole / "two_stage").exists() else ("metrics.jsonl",):
+        for name in ["metrics.jsonl"] + [f"{arm}/metrics.jsonl" for arm in ("two_stage", "joint") if (whole / arm).exists()]:
             assert (whole / name).read_text() == (out / name).read_text(), f"{name} differs (killed at line {kill_at})"
         results = [json.loads((folder / "results.json").read_text()) for folder in (whole, out)]
         for r in results:

@@ -25,9 +25,10 @@ task = C.builtin_task(0, n_sft=11, n_pref=11, n_test=1)
 if mode == "sft":
     examples, _ = C.tokenize_sft(task["sft"], tokenizer, cfg.max_length, cfg.max_prompt_length)
     names = list(C.trainable(model))
-    anchor, weights = C.snapshot(model), {n: 1.0 / len(names) for n in names}
+    params = C.my_part(C.trainable(model))  # this rank's part, as hbat.stage_regulariser builds it: the penalty adds up once over ranks
+    anchor, weights = C.snapshot(params), {n: 1.0 / len(names) for n in names}
     C.train_sft(model, examples, cfg, device=device, dtype=dtype, seed=0,
-                penalty=lambda: C.hbat_penalty(model, weights, anchor, 1.0, 1e4))
+                penalty=lambda: C.hbat_penalty(params, weights, anchor, 1.0, 1e4))
 else:
     examples, _ = C.tokenize_pref(task["pref"], tokenizer, cfg.max_length, cfg.max_prompt_length)
     C.train_dpo(model, examples, cfg, device=device, dtype=dtype, seed=0)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -56,13 +57,31 @@ def test_help_of_every_script_lists_every_flag_with_its_range():
     for script, proc in procs.items():
         assert proc.returncode == 0, f"{script}:\n{proc.stderr[-2000:]}"
         assert proc.stdout.startswith(f"usage: {script}") and proc.stderr == ""
-        ranges, choices = C.setting_rules(SCRIPTS[script].Config)
+        helps, ranges, choices = C.setting_rules(SCRIPTS[script].Config)
+        squeezed = "".join(proc.stdout.split())  # argparse wraps lines (and may break at a hyphen)
         for f in dataclasses.fields(SCRIPTS[script].Config):
             assert f"--{f.name}" in proc.stdout, (script, f.name)
-        help_text = " ".join(proc.stdout.split())  # argparse wraps lines
-        assert "--batch_size BATCH_SIZE examples or pairs per optimizer step [range [1, inf)]" in help_text
-        assert "[one of: sigmoid, ipo]" in help_text
-    assert "freeze (top 20% tensors)" in " ".join(procs["hbat.py"].stdout.split())  # a % in help text once crashed --help
+            assert f.name in helps, f"{script}: --{f.name} has no help comment"
+            assert "".join(helps[f.name].split()) in squeezed, (script, f.name)  # the whole comment, range or choices included
+        help_text = " ".join(proc.stdout.split())
+        assert "--batch_size BATCH_SIZE examples or pairs per optimizer step [1, inf)" in help_text
+        assert "--loss_type LOSS_TYPE DPO loss {sigmoid, ipo}" in help_text
+        assert ranges["batch_size"] == "[1, inf)" and choices["loss_type"] == ("sigmoid", "ipo")
+
+
+@dataclasses.dataclass
+class PercentConfig(C.TrainConfig):
+    """A config whose help holds a % sign."""
+    keep: float = 0.2  # keep the top 20% of tensors [0, 1]
+
+
+def test_a_percent_sign_in_a_help_comment_does_not_break_help(capsys):
+    """argparse reads % in help as a format: a % in a comment once crashed --help."""
+    assert C.setting_rules(PercentConfig)[1]["keep"] == "[0, 1]"
+    with pytest.raises(SystemExit) as info:
+        C.parse_config(PercentConfig, ["--help"])
+    assert info.value.code == 0
+    assert "keep the top 20% of tensors [0, 1]" in " ".join(capsys.readouterr().out.split())
 
 
 # ============================================================================================
@@ -102,19 +121,19 @@ CASES = [
     # models
     ("model_missing_folder", BASELINE, ["--model", "/missing/dir"], ["--model /missing/dir: no such folder"], SUB),
     ("model_folder_not_a_model", BASELINE, ["--model", "{data}"], ["--model {data}: not a Hugging Face model folder"], False),
-    ("model_hub_offline", BASELINE, ["--model", "nobody/no-such-model"], ["--model nobody/no-such-model: could not load it from the Hugging Face hub"], False),
+    ("model_hub_offline", BASELINE, ["--model", "nobody/no-such-model"], ["--model nobody/no-such-model: could not load it from the hub"], False),
     ("reward_model_missing", BASELINE, ["--reward_model", "/missing/rm"], ["--reward_model /missing/rm: no such folder"], False),
     ("reward_model_without_head", BASELINE, ["--reward_model", "{model}"], ["--reward_model {model}: has no trained scalar head"], False),
     ("hbat_model_without_weights", "hbat.py", ["--model", "{data}/tokenizer_only"], ["--model {data}/tokenizer_only: could not load it from the folder"], False),
     # data files, rows and fields
     ("csv_file", BASELINE, ["--sft_data", "{data}/sft.csv", "--pref_data", "{data}/pref.jsonl"],
-     ["--sft_data {data}/sft.csv: unsupported file type '.csv'", ".json, .jsonl, .parquet"], SUB),
+     ["--sft_data {data}/sft.csv: unsupported file type (supported: ", ".jsonl, .json, .parquet, .jsonl.gz, .json.gz"], SUB),
     ("file_missing", BASELINE, ["--sft_data", "{data}/nope.jsonl", "--pref_data", "{data}/pref.jsonl"], ["{data}/nope.jsonl: file not found"], False),
     ("path_missing", BASELINE, ["--sft_data", "{data}/nope", "--pref_data", "{data}/pref.jsonl"], ["--sft_data {data}/nope: no such file or folder"], False),
     ("folder_named_json", BASELINE, ["--sft_data", "{data}/folder.json", "--pref_data", "{data}/pref.jsonl"], ["{data}/folder.json: is a folder, not a file"], False),
-    ("not_utf8", BASELINE, ["--sft_data", "{data}/latin1.jsonl", "--pref_data", "{data}/pref.jsonl"], ["{data}/latin1.jsonl: not UTF-8 text"], False),
+    ("not_utf8", BASELINE, ["--sft_data", "{data}/latin1.jsonl", "--pref_data", "{data}/pref.jsonl"], ["{data}/latin1.jsonl: not readable UTF-8 text"], False),
     ("missing_field", BASELINE, ["--sft_data", "{data}/missing_field.jsonl", "--pref_data", "{data}/pref.jsonl"],
-     ["{data}/missing_field.jsonl: row 3: missing field 'completion' (has: prompt, response)"], SUB),
+     ["{data}/missing_field.jsonl: row 3: missing field 'completion' (has: prompt, response;"], SUB),
     ("null_field", BASELINE, ["--sft_data", "{data}/null_field.jsonl", "--pref_data", "{data}/pref.jsonl"],
      ["{data}/null_field.jsonl: row 3: field 'completion' is null"], SUB),
     ("empty_field", BASELINE, ["--sft_data", "{data}/sft.jsonl", "--pref_data", "{data}/empty_rejected.jsonl"],
@@ -124,18 +143,18 @@ CASES = [
     ("too_few_rows_for_eval", BASELINE, REAL + ["--eval_size", "30"], ["rows leave nothing to train on after holding out --eval_size 30"], False),
     ("sft_data_alone", BASELINE, ["--sft_data", "{data}/sft.jsonl"], ["give both --sft_data and --pref_data, or neither"], False),
     ("hub_data_set_offline", BASELINE, ["--sft_data", "nobody/no-such-data", "--pref_data", "{data}/pref.jsonl"],
-     ["--sft_data nobody/no-such-data: could not load it as a data set"], False),
+     ["--sft_data nobody/no-such-data: could not load split 'train'"], False),
     ("hub_data_set_with_a_dot", BASELINE, ["--sft_data", "nobody/data-2.5", "--pref_data", "{data}/pref.jsonl"],
-     ["--sft_data nobody/data-2.5: could not load it as a data set"], False),
+     ["--sft_data nobody/data-2.5: could not load split 'train'"], False),
     # the output folder
     ("output_dir_is_a_file", BASELINE, ["--output_dir", "{data}/sft.jsonl"], ["--output_dir {data}/sft.jsonl: is a file, not a folder"], SUB),
     ("output_dir_holds_a_run", BASELINE, ["--output_dir", "{out}"], ["holds another run's files", "--overwrite", "--resume"], SUB),
     ("resume_with_other_settings", BASELINE, ["--resume", "--beta", "0.2", "--output_dir", "{out}"],
      ["--resume: ", "was written with other settings: --beta 0.1 (now 0.2)"], False),
     ("resume_without_checkpoint", BASELINE, ["--resume", "--output_dir", "{out_without_checkpoint}"],
-     ["--resume: no checkpoint in", "pass --overwrite instead"], False),
+     ["--resume: ", "holds a finished run and no checkpoint; pass --overwrite to replace it"], False),
     ("resume_old_checkpoint", BASELINE, ["--resume", "--output_dir", "{out_old_checkpoint}"],
-     ["was written by an older version of this script; use --overwrite"], False),
+     ["checkpoint/state.json is damaged or from an older version; start again with --overwrite"], False),
     # the other two scripts: their own checks, and the shared path
     ("hbat_ewc_unknown", "hbat.py", ["--ewc", "l2"], ["--ewc must be one of hbat, released, fisher, freeze, random, none; got 'l2'"], False),
     ("hbat_rounds_zero", "hbat.py", ["--rounds", "0"], ["--rounds must be in [1, inf); got 0"], False),
@@ -147,7 +166,7 @@ CASES = [
     ("ld_align_pref_data", "ld_align.py", ["--pref_data", "{data}/pref.jsonl"], ["--pref_data is not used by this script"], False),
     ("ld_align_guide_heads", "ld_align.py", ["--guide_dim", "30", "--guide_heads", "4"], ["--guide_dim 30 must be a multiple of --guide_heads 4"], False),
     ("ld_align_w_max", "ld_align.py", ["--w_max", "0"], ["--w_max must be in (0, inf); got 0.0"], False),
-    ("ld_align_csv", "ld_align.py", ["--sft_data", "{data}/sft.csv"], ["unsupported file type '.csv'"], False),
+    ("ld_align_csv", "ld_align.py", ["--sft_data", "{data}/sft.csv"], ["--sft_data {data}/sft.csv: unsupported file type"], False),
 ]
 
 
@@ -299,7 +318,7 @@ def test_json_writers_refuse_non_finite_values(tmp_path):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_numeric_flag_has_a_range_and_the_defaults_are_in_it(script):
     cls = SCRIPTS[script].Config
-    ranges, choices = C.setting_rules(cls)
+    _, ranges, choices = C.setting_rules(cls)
     for f in dataclasses.fields(cls):
         if isinstance(f.default, (int, float)) and not isinstance(f.default, bool):
             assert f.name in ranges, f"--{f.name} has no range"
@@ -320,7 +339,7 @@ def test_in_range_by_hand():
 def test_every_range_is_enforced(script, tmp_path):
     """Each numeric flag just outside its range (and NaN for floats) is refused, naming the flag."""
     cls = SCRIPTS[script].Config
-    ranges, _ = C.setting_rules(cls)
+    _, ranges, _ = C.setting_rules(cls)
     for name, interval in ranges.items():
         low, high = (float(x) for x in interval[1:-1].split(","))
         default = getattr(cls, name)
@@ -350,11 +369,13 @@ def small(out, **overrides):
                                         "output_dir": str(out), **overrides})
 
 
-def test_a_data_set_folder_is_read_through_datasets(tmp_path):
+def test_a_data_set_folder_is_read_by_its_split_files(tmp_path):
     rows = C.builtin_task(seed=0, n_sft=5, n_pref=0, n_test=1)["sft"]
     (tmp_path / "my_data").mkdir()
     (tmp_path / "my_data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert C.read_rows(str(tmp_path / "my_data")) == rows
+    got = C.read_rows(str(tmp_path / "my_data"))
+    assert got.rows == rows and got.split == "train" and got.files == [tmp_path / "my_data" / "train.jsonl"]
+    assert got.where(4) == f"{tmp_path / 'my_data' / 'train.jsonl'}: row 5"
 
 
 def test_a_resumed_run_has_no_results_json_until_it_finishes(tmp_path, monkeypatch):
@@ -376,7 +397,74 @@ def test_overwrite_replaces_only_the_earlier_runs_files(tmp_path):
     two_stage_baseline.main(small(out, overwrite=True))
     assert (out / "notes.txt").read_text() == "mine" and not (out / "final.tmp").exists()
     assert json.loads((out / "results.json").read_text())["config"]["seed"] == 0
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "final", "metrics.jsonl", "notes.txt", "results.json", "sft"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoint", "final", "metrics.jsonl", "notes.txt", "results.json", "sft"]
+    assert not (tmp_path / "run.replaced").exists()  # the earlier run waited there until this one finished
+
+
+def without_lock(folder: Path) -> dict[str, str]:
+    return {k: v for k, v in digest(folder).items() if k != ".lock"}
+
+
+def test_a_failed_overwrite_puts_the_earlier_run_back(tmp_path, monkeypatch, capsys):
+    """--overwrite moves the earlier run to <out>.replaced/ when the new run takes the folder; the new run
+    stops in its DPO stage, and cli() deletes its files and puts the earlier run back, byte for byte."""
+    out, aside = tmp_path / "run", tmp_path / "run.replaced"
+    two_stage_baseline.main(small(out, seed=1))
+    (out / "notes.txt").write_text("mine")
+    before, seen = without_lock(out), {}
+
+    def stopped(*args, **kwargs):
+        seen["aside"], seen["out"] = (sorted(p.name for p in folder.iterdir()) for folder in (aside, out))
+        raise C.NonFiniteError("dpo, epoch 1, step 1: loss/dpo is nan")
+
+    monkeypatch.setattr(C, "train_dpo", stopped)
+    monkeypatch.setattr(sys, "argv", [BASELINE, *tiny_args(BASELINE), "--overwrite", "--output_dir", str(out)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        C.cli(two_stage_baseline.main, two_stage_baseline.Config)
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "error: dpo, epoch 1, step 1: loss/dpo is nan" in err, err
+    assert f"the earlier run in {out} is back in place" in err
+    # while the new run ran: the earlier run's files aside, the new run's SFT model and the user's file in the folder
+    assert seen["aside"] == ["checkpoint", "final", "metrics.jsonl", "results.json", "sft"]
+    assert {"notes.txt", "sft", "metrics.jsonl"} <= set(seen["out"]) and "results.json" not in seen["out"]
+    assert without_lock(out) == before and not aside.exists()
+    assert json.loads((out / "results.json").read_text())["config"]["seed"] == 1
+
+
+def test_a_folder_in_use_by_another_run_is_refused(tmp_path):
+    """Another run holds <out>/.lock: this one stops before writing anything, naming that run's process."""
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242")
+        held.flush()
+        with pytest.raises(C.ConfigError, match=r"--output_dir .* is in use by another run \(process 4242\)"):
+            two_stage_baseline.main(small(out))
+    assert [p.name for p in out.iterdir()] == [".lock"]
+
+
+def test_resume_without_a_checkpoint_starts_from_the_beginning(places, tmp_path, capsys):
+    """A run killed before its first checkpoint leaves files but no checkpoint: --resume starts that run over,
+    clearing its files (not the user's), and ends as a run in a fresh folder does (places' earlier run)."""
+    out, earlier = tmp_path / "run", places["earlier"]
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"stage": "the killed run", "loss/sft": 9.0}\n')
+    (out / "sft.tmp").mkdir()
+    (out / "sft.tmp" / "model.safetensors").write_bytes(b"half written")
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    two_stage_baseline.main(small(out, resume=True))
+    assert f"--resume: no checkpoint in {out}, starting from the beginning" in capsys.readouterr().out
+    assert (out / "notes.txt").read_text() == "mine" and not (out / "sft.tmp").exists()
+    assert (out / "metrics.jsonl").read_text() == (earlier / "metrics.jsonl").read_text()
+    results = [json.loads((folder / "results.json").read_text()) for folder in (earlier, out)]
+    for r in results:
+        r["config"].pop("output_dir"), r["config"].pop("resume")
+    assert results[0] == results[1]
 
 
 def test_write_folder_is_whole_or_nothing(tmp_path):
@@ -399,7 +487,8 @@ def test_checkpoint_survives_a_stop_between_the_two_renames(tmp_path, monkeypatc
     """write_folder renames checkpoint -> checkpoint.old, then checkpoint.tmp -> checkpoint. Stopped in
     between, only checkpoint.old is there, and load_checkpoint reads it."""
     cfg = small(tmp_path)
-    C.save_checkpoint(tmp_path, cfg, {"next_stage": 1})
+    run = SimpleNamespace(out=tmp_path, cfg=cfg, tokenizer=None, data={"report": {}})  # what save_checkpoint reads of C.prepare's run
+    C.save_checkpoint(run, {"next_stage": 1})
     os.replace(tmp_path / "checkpoint", tmp_path / "checkpoint.old")
     state = C.load_checkpoint(tmp_path, dataclasses.replace(cfg, resume=True, output_dir=str(tmp_path / "moved")))
     assert state["next_stage"] == 1 and state["folder"].name == "checkpoint.old"
@@ -412,8 +501,8 @@ def test_checkpoint_survives_a_stop_between_the_two_renames(tmp_path, monkeypatc
 
     monkeypatch.setattr(C.os, "replace", stopped)
     with pytest.raises(OSError):
-        C.save_checkpoint(tmp_path, cfg, {"next_stage": 2})
+        C.save_checkpoint(run, {"next_stage": 2})
     monkeypatch.setattr(C.os, "replace", real_replace)
     assert C.load_checkpoint(tmp_path, cfg)["next_stage"] == 1
-    C.save_checkpoint(tmp_path, cfg, {"next_stage": 2})
+    C.save_checkpoint(run, {"next_stage": 2})
     assert C.load_checkpoint(tmp_path, cfg)["next_stage"] == 2 and not (tmp_path / "checkpoint.old").exists()

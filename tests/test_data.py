@@ -4,8 +4,10 @@ Expected token ids are built from the tiny tokenizer's vocabulary by hand (word 
 implementation's encode helpers.
 """
 import dataclasses
+import hashlib
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 
@@ -44,6 +46,17 @@ def write(path, rows, fmt=None):
     else:
         raise ValueError(fmt)
     return path
+
+
+def numbered(source):
+    """where(i) for rows that come from no file: "<source>: row i+1"."""
+    return lambda i: f"{source}: row {i + 1}"
+
+
+def tokenize_file(path, tok, kind):
+    """read_rows, then tokenize_sft / tokenize_pref with the file's own row numbering."""
+    got = common.read_rows(str(path))
+    return (common.tokenize_sft if kind == "sft" else common.tokenize_pref)(got.rows, tok, 64, 48, where=got.where)
 
 
 def make_cfg(**overrides):
@@ -209,9 +222,12 @@ def test_truncate_cuts_prompt_only_as_needed_with_floor_and_bos():
     tok = common.build_tiny_tokenizer()
     text = "summarize : alice found the car in the park . summary :"  # 12 words
     words = ids_of(tok, text)
-    assert common.generation_prompt(tok, text, 16, 4, 6) == words[-10:]  # max(16 - 6, 4) = 10
-    assert common.generation_prompt(tok, text, 16, 5, 14) == words[-5:]  # floor: max(16 - 14, 5) = 5
-    assert common.generation_prompt(tok, text, 20, 4, 8) == words  # 12 <= 20 - 8: whole
+    def gen(max_length, max_prompt_length, max_new_tokens):
+        cfg = SimpleNamespace(max_length=max_length, max_prompt_length=max_prompt_length, max_new_tokens=max_new_tokens)
+        return common.generation_prompt(tok, text, cfg)
+    assert gen(16, 4, 6) == words[-10:]  # max(16 - 6, 4) = 10
+    assert gen(16, 5, 14) == words[-5:]  # floor: max(16 - 14, 5) = 5
+    assert gen(20, 4, 8) == words  # 12 <= 20 - 8: whole
 
 
 def test_tokenize_counts_skipped_rows(tiny):
@@ -220,7 +236,7 @@ def test_tokenize_counts_skipped_rows(tiny):
     rows = [SFT_ROWS[0], {"prompt": long_prompt, "completion": "alice found car"}, SFT_ROWS[1]]
     # max_prompt_length == max_length (check_config refuses it; truncate still guards): no room for a response
     examples, counts = common.tokenize_sft(rows, tok, 20, 20)
-    assert counts == {"rows": 3, "prompt_cut": 0, "response_cut": 0, "skipped": 1}
+    assert counts == {"prompt_cut": 0, "response_cut": 0, "skipped": 1, "identical": 0}
     assert [e["prompt"] for e in examples] == [SFT_ROWS[0]["prompt"], SFT_ROWS[1]["prompt"]]
     pref_rows = [PREF_ROWS[0], {"prompt": long_prompt, "chosen": "a", "rejected": "bob"}]
     examples, counts = common.tokenize_pref(pref_rows, tok, 20, 20)
@@ -234,33 +250,45 @@ def test_tokenize_counts_cut_prompts_and_responses_by_hand(tiny):
             {"prompt": "summarize : bob sold it . :", "completion": "bob sold lamp ; carol fixed door ; dave lost book"},  # 7 + 12: response cut to 7
             {"prompt": "summarize : a . :", "completion": "alice found car"}]  # 5 + 4: fits
     examples, counts = common.tokenize_sft(rows, tok, 14, 8)
-    assert counts == {"rows": 3, "prompt_cut": 1, "response_cut": 1, "skipped": 0}
+    assert counts == {"prompt_cut": 1, "response_cut": 1, "skipped": 0, "identical": 0}
     assert [len(e["input_ids"]) for e in examples] == [14, 14, 9]
     assert examples[1]["input_ids"][-1] != tok.eos_token_id  # the cut response lost its EOS
     pref = [{"prompt": rows[1]["prompt"], "chosen": "bob sold lamp", "rejected": rows[1]["completion"]}]  # only rejected is cut
-    assert common.tokenize_pref(pref, tok, 14, 8)[1] == {"rows": 1, "prompt_cut": 0, "response_cut": 1, "skipped": 0}
+    assert common.tokenize_pref(pref, tok, 14, 8)[1] == {"prompt_cut": 0, "response_cut": 1, "skipped": 0, "identical": 0}
 
 
-def test_load_data_reports_truncation_per_data_set(tiny, tmp_path, capsys):
+def test_load_data_reports_truncation_per_data_set(tiny, tmp_path):
     _, tok = tiny
     sft = write(tmp_path / "sft.jsonl", SFT_ROWS)
     pref = write(tmp_path / "pref.jsonl", PREF_ROWS)
-    data = common.load_data(make_cfg(sft_data=str(sft), pref_data=str(pref), max_length=14, max_prompt_length=8,
-                                     max_new_tokens=4), tok)
-    out = capsys.readouterr().out
-    # SFT rows 1-3 train (2 held out), prompt + response words (+ EOS): 11 + 4, 15 + 4 and 11 + 8 all exceed 14, so
-    # every prompt is cut (down to 10, 10 and the floor of 8); row 3's response then keeps 14 - 8 = 6 of its 8 tokens
-    assert data["counts"]["sft"] == {"rows": 3, "prompt_cut": 3, "response_cut": 1, "skipped": 0}
-    assert f"{sft} (SFT rows): of 3 rows, 3 prompts cut from the left; 1 responses cut from the right" in out
-    assert f"{pref} (preference rows): of 3 rows" in out
-    assert data["counts"]["test"]["prompt_cut"] == 2  # both held-out prompts exceed max(14 - 4, 8) = 10 words
+    cfg = make_cfg(sft_data=str(sft), pref_data=str(pref), max_length=14, max_prompt_length=8, max_new_tokens=4)
+    report = common.load_data(cfg, tok)["report"]
+    counts = lambda r: {k: r[k] for k in ("rows_read", "rows_used", "prompt_cut", "response_cut", "skipped", "identical")}  # noqa: E731
+    # SFT: 5 rows read, rows 1-3 train (2 held out). Prompt + response words (+ EOS): 11 + 4, 15 + 4 and 11 + 8 all
+    # exceed 14, so every prompt is cut (down to 10, 10 and the floor of 8); row 3's response then keeps 14 - 8 = 6 of its 8
+    assert (report["sft"]["source"], report["sft"]["split"]) == (str(sft), "(the whole file)")
+    assert counts(report["sft"]) == {"rows_read": 3, "rows_used": 3, "prompt_cut": 3, "response_cut": 1, "skipped": 0, "identical": 0}
+    # preference: 11 + max(4, 7), 11 + max(8, 2), 11 + max(4, 4) words: prompts cut to max(14 - 7, 8) = 8, 8 and 14 - 4 = 10;
+    # then 14 - 8 = 6 tokens are left for the responses: rows 1 (rejected, 7) and 2 (chosen, 8) lose their right side
+    assert counts(report["pref"]) == {"rows_read": 3, "rows_used": 3, "prompt_cut": 3, "response_cut": 2, "skipped": 0, "identical": 0}
+    # test: the 2 held-out rows; both prompts (11 words) exceed max(14 - 4, 8) = 10 tokens of room; neither is a training prompt
+    assert report["test"]["source"] == f"{sft} (its last 2 rows)"
+    assert (report["test"]["rows_read"], report["test"]["rows_used"], report["test"]["prompt_cut"], report["test"]["in_training"]) == (2, 2, 2, 0)
+    for kind, path in (("sft", sft), ("pref", pref)):  # the sha256 that --resume compares: the file's name and bytes
+        assert report[kind]["sha256"] == hashlib.sha256(path.name.encode() + b"\0" + path.read_bytes()).hexdigest()
+    lines = common.data_lines(report, cfg)
+    assert len(lines) == 3 and not any("warning" in line for line in lines)
+    assert lines[0].startswith(f"SFT data: {sft}, split (the whole file): 3 of 3 rows used (") and "3 prompts cut from the left" in lines[0] \
+        and "1 responses cut from the right" in lines[0] and "--max_length 14" in lines[0], lines[0]
+    assert lines[1].startswith(f"preference data: {pref}, split (the whole file): 3 of 3 rows used (") and "2 responses cut" in lines[1], lines[1]
+    assert "2 prompts cut from the left" in lines[2], lines[2]
 
 
 def test_tokenize_truncates_long_prompt_from_the_left(tiny):
     _, tok = tiny
     row = {"prompt": "summarize : the weather was calm . alice found the car in the park . :", "completion": "alice found car"}
     examples, counts = common.tokenize_sft([row], tok, 12, 8)
-    assert counts == {"rows": 1, "prompt_cut": 1, "response_cut": 0, "skipped": 0}
+    assert counts == {"prompt_cut": 1, "response_cut": 0, "skipped": 0, "identical": 0}
     e = examples[0]
     prompt_ids = ids_of(tok, row["prompt"])
     response_ids = ids_of(tok, "alice found car") + [tok.eos_token_id]
@@ -301,10 +329,11 @@ def test_jsonl_rows_are_counted_without_blank_lines(tiny, tmp_path):
     assert_names(str(err.value), path, row=3)
     assert re.search(r"\bline 4\b", str(err.value)), str(err.value)
     path.write_text(json.dumps(SFT_ROWS[0]) + "\n\n" + json.dumps({"prompt": PROMPT}) + "\n")
-    rows = common.read_rows(str(path))
-    assert rows == [SFT_ROWS[0], {"prompt": PROMPT}]
+    got = common.read_rows(str(path))
+    assert got.rows == [SFT_ROWS[0], {"prompt": PROMPT}]
+    assert [got.where(i) for i in range(2)] == [f"{path}: row 1", f"{path}: row 2"]
     with pytest.raises(DataError) as err:
-        common.tokenize_sft(rows, tok, 64, 48, source=str(path))
+        common.tokenize_sft(got.rows, tok, 64, 48, where=got.where)
     assert_names(str(err.value), path, row=2, field="completion")
 
 
@@ -334,7 +363,7 @@ def test_missing_column_names_file_row_and_field(tiny, tmp_path, fmt):
         rows = [{"prompt": r["prompt"], "response": "alice found car"} for r in SFT_ROWS[:2]]
     path = write(tmp_path / f"sft.{fmt}", rows)
     with pytest.raises(DataError) as err:
-        common.tokenize_sft(common.read_rows(str(path)), tok, 64, 48, source=str(path))
+        tokenize_file(path, tok, "sft")
     assert_names(str(err.value), path, row=1 if fmt == "parquet" else 2, field="completion")
     assert "missing" in str(err.value)
 
@@ -347,7 +376,7 @@ def test_empty_field_names_file_row_and_field(tiny, tmp_path, bad, field):
     _, tok = tiny
     path = write(tmp_path / "sft.jsonl", [SFT_ROWS[0], SFT_ROWS[1], bad])
     with pytest.raises(DataError) as err:
-        common.tokenize_sft(common.read_rows(str(path)), tok, 64, 48, source=str(path))
+        tokenize_file(path, tok, "sft")
     assert_names(str(err.value), path, row=3, field=field)
 
 
@@ -358,7 +387,7 @@ def test_wrong_type_names_file_row_field_and_type(tiny, tmp_path, bad, field, ty
     _, tok = tiny
     path = write(tmp_path / "sft.json", [SFT_ROWS[0], bad])
     with pytest.raises(DataError) as err:
-        common.tokenize_sft(common.read_rows(str(path)), tok, 64, 48, source=str(path))
+        tokenize_file(path, tok, "sft")
     assert_names(str(err.value), path, row=2, field=field)
     assert type_name in str(err.value)
 
@@ -368,7 +397,7 @@ def test_row_that_is_not_an_object(tiny, tmp_path):
     path = tmp_path / "sft.jsonl"
     path.write_text(json.dumps(SFT_ROWS[0]) + "\n" + json.dumps(["a", "b"]) + "\n")
     with pytest.raises(DataError) as err:
-        common.tokenize_sft(common.read_rows(str(path)), tok, 64, 48, source=str(path))
+        tokenize_file(path, tok, "sft")
     assert_names(str(err.value), path, row=2)
 
 
@@ -380,7 +409,7 @@ def test_pref_missing_or_bad_fields(tiny, tmp_path):
     for bad, field in cases:
         path = write(tmp_path / "pref.jsonl", [PREF_ROWS[0], PREF_ROWS[1], bad])
         with pytest.raises(DataError) as err:
-            common.tokenize_pref(common.read_rows(str(path)), tok, 64, 48, source=str(path))
+            tokenize_file(path, tok, "pref")
         assert_names(str(err.value), path, row=3, field=field)
 
 
@@ -389,7 +418,7 @@ def test_mixed_plain_and_chat_fields_are_rejected(tiny):
     tok.chat_template = TEMPLATE
     row = {"prompt": PROMPT, "completion": [{"role": "assistant", "content": "alice found car"}]}
     with pytest.raises(DataError) as err:
-        common.tokenize_sft([row], tok, 64, 48, source="mixed.jsonl")
+        common.tokenize_sft([row], tok, 64, 48, where=numbered("mixed.jsonl"))
     assert_names(str(err.value), "mixed.jsonl", row=1, field="completion")
 
 
@@ -405,8 +434,8 @@ def test_chat_messages_rows_use_the_chat_template(tiny):
     _, tok = tiny
     tok.chat_template = TEMPLATE
     expected_prompt = "user : summarize : alice found the car in the park . ; assistant : "
-    assert common.sft_texts({"messages": CHAT}, tok, "x") == (expected_prompt, "alice found car")
-    examples, counts = common.tokenize_sft([{"messages": CHAT}], tok, 64, 48, source="chat.jsonl")
+    assert common.row_texts({"messages": CHAT}, tok, "x", "sft") == (expected_prompt, "alice found car")
+    examples, counts = common.tokenize_sft([{"messages": CHAT}], tok, 64, 48, where=numbered("chat.jsonl"))
     assert (counts["prompt_cut"], counts["response_cut"], counts["skipped"]) == (0, 0, 0)
     p = tok(expected_prompt, add_special_tokens=False).input_ids
     r = ids_of(tok, "alice found car") + [tok.eos_token_id]
@@ -421,7 +450,7 @@ def test_chat_rows_without_chat_template_fail_clearly(tiny):
     _, tok = tiny
     assert not tok.chat_template
     with pytest.raises(DataError) as err:
-        common.tokenize_sft([SFT_ROWS[0], {"messages": CHAT}], tok, 64, 48, source="chat.jsonl")
+        common.tokenize_sft([SFT_ROWS[0], {"messages": CHAT}], tok, 64, 48, where=numbered("chat.jsonl"))
     assert_names(str(err.value), "chat.jsonl", row=2)
     assert "chat template" in str(err.value)
 
@@ -430,11 +459,18 @@ def test_chat_messages_must_end_with_assistant(tiny):
     _, tok = tiny
     tok.chat_template = TEMPLATE
     with pytest.raises(DataError) as err:
-        common.tokenize_sft([{"messages": CHAT[:1] + [{"role": "user", "content": "more"}]}], tok, 64, 48, source="c.jsonl")
+        common.tokenize_sft([{"messages": CHAT[:1]}], tok, 64, 48, where=numbered("c.jsonl"))
     assert_names(str(err.value), "c.jsonl", row=1, field="messages")
     with pytest.raises(DataError) as err:
-        common.tokenize_sft([{"messages": CHAT[:1]}], tok, 64, 48, source="c.jsonl")
+        common.tokenize_sft([{"messages": CHAT[:1] + [{"role": "user", "content": "more"}]}], tok, 64, 48, where=numbered("c.jsonl"))
+    assert "must be from the assistant" in str(err.value)
     assert_names(str(err.value), "c.jsonl", row=1, field="messages")
+    # a preference row: the message says which of the two responses is wrong
+    bad = {"prompt": CHAT[:1], "chosen": CHAT[1:], "rejected": [{"role": "user", "content": "more"}]}
+    with pytest.raises(DataError) as err:
+        common.tokenize_pref([bad], tok, 64, 48, where=numbered("p.jsonl"))
+    assert "must be from the assistant" in str(err.value)
+    assert_names(str(err.value), "p.jsonl", row=1, field="rejected")
 
 
 def test_implicit_prompt_preference_rows_are_split(tiny):
@@ -447,8 +483,8 @@ def test_implicit_prompt_preference_rows_are_split(tiny):
            "rejected": shared + [{"role": "assistant", "content": "the weather was calm ."}]}
     expected_prompt = ("user : summarize : bob sold the lamp in the market . ; assistant : bob sold lamp ; "
                        "user : summarize : alice found the car in the park . ; assistant : ")
-    assert common.pref_texts(row, tok, "x") == (expected_prompt, "alice found car", "the weather was calm .")
-    examples, counts = common.tokenize_pref([row], tok, 64, 48, source="pref.jsonl")
+    assert common.row_texts(row, tok, "x", "pref") == (expected_prompt, "alice found car", "the weather was calm .")
+    examples, counts = common.tokenize_pref([row], tok, 64, 48, where=numbered("pref.jsonl"))
     assert (counts["prompt_cut"], counts["response_cut"], counts["skipped"]) == (0, 0, 0)
     e = examples[0]
     p = tok(expected_prompt, add_special_tokens=False).input_ids
@@ -459,7 +495,7 @@ def test_implicit_prompt_preference_rows_are_split(tiny):
         assert e[key]["labels"] == [IGNORE_INDEX] * len(p) + r
     # an explicit conversational prompt gives the same split
     explicit = {"prompt": shared, "chosen": row["chosen"][-1:], "rejected": row["rejected"][-1:]}
-    assert common.pref_texts(explicit, tok, "x") == common.pref_texts(row, tok, "x")
+    assert common.row_texts(explicit, tok, "x", "pref") == common.row_texts(row, tok, "x", "pref")
 
 
 def test_implicit_prompt_rows_must_share_all_but_last_turn(tiny):
@@ -467,8 +503,10 @@ def test_implicit_prompt_rows_must_share_all_but_last_turn(tiny):
     tok.chat_template = TEMPLATE
     row = {"chosen": CHAT, "rejected": [{"role": "user", "content": "something else"}, CHAT[1]]}
     with pytest.raises(DataError) as err:
-        common.tokenize_pref([PREF_ROWS[0], row], tok, 64, 48, source="pref.jsonl")
-    assert_names(str(err.value), "pref.jsonl", row=2, field="prompt")
+        common.tokenize_pref([PREF_ROWS[0], row], tok, 64, 48, where=numbered("pref.jsonl"))
+    assert_names(str(err.value), "pref.jsonl", row=2, field="chosen")
+    assert_names(str(err.value), "pref.jsonl", row=2, field="rejected")
+    assert "share every turn but the last" in str(err.value)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -481,7 +519,9 @@ def test_implicit_prompt_rows_must_share_all_but_last_turn(tiny):
 def test_json_jsonl_parquet_read_the_same_rows(tmp_path, rows):
     got = {fmt: common.read_rows(str(write(tmp_path / f"data.{fmt}", rows))) for fmt in ("jsonl", "json", "parquet")}
     for fmt, read in got.items():
-        assert read == rows, fmt
+        assert read.rows == rows, fmt
+        assert read.split == "(the whole file)" and read.files == [tmp_path / f"data.{fmt}"]
+        assert read.where(len(rows) - 1) == f"{tmp_path / f'data.{fmt}'}: row {len(rows)}"
 
 
 def test_load_data_same_from_every_format(tiny, tmp_path):
@@ -491,8 +531,15 @@ def test_load_data_same_from_every_format(tiny, tmp_path):
         sft = write(tmp_path / f"sft.{fmt}", SFT_ROWS)
         pref = write(tmp_path / f"pref.{fmt}", PREF_ROWS)
         results[fmt] = common.load_data(make_cfg(sft_data=str(sft), pref_data=str(pref)), tok)
+    reports = {fmt: r.pop("report") for fmt, r in results.items()}
     data = results["jsonl"]
     assert results["json"] == data and results["parquet"] == data
+    for fmt, report in reports.items():  # the same counts; each names its own file
+        for kind, source in (("sft", tmp_path / f"sft.{fmt}"), ("pref", tmp_path / f"pref.{fmt}"), ("test", f"{tmp_path / f'sft.{fmt}'} (its last 2 rows)")):
+            assert report[kind]["source"] == str(source)
+            assert {k: v for k, v in report[kind].items() if k not in ("source", "sha256")} == \
+                {k: v for k, v in reports["jsonl"][kind].items() if k not in ("source", "sha256")}
+    assert (reports["jsonl"]["sft"]["rows_read"], reports["jsonl"]["sft"]["rows_used"], reports["jsonl"]["pref"]["rows_used"]) == (3, 3, 3)
     assert not data["builtin"]
     assert [e["prompt"] for e in data["sft"]] == [r["prompt"] for r in SFT_ROWS[:3]]  # last eval_size=2 held out
     assert data["test"] == [{"prompt": r["prompt"], "reference": r["completion"]} for r in SFT_ROWS[3:]]

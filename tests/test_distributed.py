@@ -3,7 +3,7 @@
   end with the weights of one process (tests/distributed_steps.py);
 - each script end to end under torchrun (smoke), rank 0 alone printing and writing;
 - --resume under torchrun continues a two-stage run to the same results.
-The one-process helpers (shards, my_share, gather, lockstep) are the identity there: tested directly."""
+The one-process helpers (split, my_share, my_part, gather, lockstep) are the identity there: tested directly."""
 import json
 import os
 import shutil
@@ -37,25 +37,31 @@ def torchrun(*args, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedP
 # ============================================================================================
 
 
-def test_shards_are_contiguous_and_balanced():
+def test_split_is_contiguous_and_balanced():
     items = list(range(10))
-    parts = C.shards(items, 3)
+    parts = C.split(items, 3)
     assert [len(p) for p in parts] == [3, 4, 3] and sum(parts, []) == items
-    assert C.shards(items, 1) == [items]
+    assert C.split(items, 1) == [items]
 
 
 def test_one_process_helpers_are_the_identity():
     items, t = [1, 2, 3], torch.arange(4.0)
     assert C.world_size() == 1 and C.is_main() and C.my_share(items) is items and C.gather(items) is items
     assert C.gather_rows(t) is t and C.sum_over_ranks(t) is t and C.lockstep([[1], [2]], [0]) == [[1], [2]]
-    assert C.rank_part(t) == 1.0 and C.local(t) is t
+    assert C.local(t) is t and C.whole(t) is t
+    params = {"a": torch.nn.Parameter(torch.ones(2, 2)), "b": torch.nn.Parameter(torch.zeros(3))}
+    mine = C.my_part(params)  # one process: every tensor, itself
+    assert list(mine) == list(params) and all(mine[n] is params[n] for n in params)
 
 
 def test_fsdp_is_refused_without_torchrun_and_with_the_textbook_fisher(tmp_path):
     import hbat
-    with pytest.raises(C.ConfigError) as info:
-        hbat.check(hbat.Config(fsdp=True, ewc="fisher", output_dir=str(tmp_path / "out")))
+    assert hbat.check(hbat.Config(fsdp=True, ewc="fisher")) == ["--ewc fisher needs whole models: run it under torchrun without --fsdp"]
+    assert hbat.check(hbat.Config(fsdp=True)) == [] and hbat.check(hbat.Config(ewc="fisher")) == []
+    with pytest.raises(C.ConfigError) as info:  # both problems, before anything is written
+        hbat.main(hbat.Config(fsdp=True, ewc="fisher", output_dir=str(tmp_path / "out")))
     assert "--ewc fisher needs whole models" in str(info.value) and "torchrun --nproc_per_node N" in str(info.value)
+    assert not (tmp_path / "out").exists()
 
 
 # ============================================================================================

@@ -1,5 +1,6 @@
 """Fisher / EWC / HBAT importance math in common.py, checked against brute force or by-hand values."""
 import math
+import statistics
 
 import pytest
 import torch
@@ -110,12 +111,13 @@ def test_ewc_penalty_value_and_gradient_on_linear():
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
         layer.bias.copy_(torch.tensor([0.5, -0.5]))
-    anchor = C.snapshot(layer)
+    params = dict(layer.named_parameters())
+    anchor = C.snapshot(params)
     fisher = {"weight": torch.tensor([[1.0, 0.5], [2.0, 0.0]]), "bias": torch.tensor([4.0, 1.0])}
     lam = 3.0
 
     # 0 at the anchor, with zero gradient
-    at_anchor = C.ewc_penalty(layer, fisher, anchor, lam)
+    at_anchor = C.ewc_penalty(params, fisher, anchor, lam)
     assert at_anchor.item() == 0.0
     at_anchor.backward()
     assert all(float(p.grad.abs().sum()) == 0.0 for p in layer.parameters())
@@ -126,7 +128,7 @@ def test_ewc_penalty_value_and_gradient_on_linear():
         layer.bias += torch.tensor([-1.0, 0.25])
     # by hand: (lam/2) * sum F d^2
     #   weight: 1*1 + 0.5*4 + 2*0.25 + 0*9 = 3.5 ; bias: 4*1 + 1*0.0625 = 4.0625 ; total 7.5625
-    value = C.ewc_penalty(layer, fisher, anchor, lam)
+    value = C.ewc_penalty(params, fisher, anchor, lam)
     assert value.item() == pytest.approx(0.5 * 3.0 * 7.5625, rel=1e-6)
 
     value.backward()
@@ -137,12 +139,14 @@ def test_ewc_penalty_value_and_gradient_on_linear():
 
 def test_ewc_penalty_anchor_is_a_detached_copy():
     layer = torch.nn.Linear(3, 1)
-    anchor = C.snapshot(layer)
+    params = dict(layer.named_parameters())
+    anchor = C.snapshot(params)
     assert all(not a.requires_grad for a in anchor.values())
+    assert all(a.data_ptr() != params[n].data_ptr() for n, a in anchor.items())  # a copy, not a view
     with torch.no_grad():
         layer.weight += 1.0  # moving the model must not move the anchor
     fisher = {n: torch.ones_like(a) for n, a in anchor.items()}
-    assert C.ewc_penalty(layer, fisher, anchor, lam=2.0).item() == pytest.approx(3.0, rel=1e-6)  # 0.5*2*3*1
+    assert C.ewc_penalty(params, fisher, anchor, lam=2.0).item() == pytest.approx(3.0, rel=1e-6)  # 0.5*2*3*1
 
 
 # ============================================================================================
@@ -155,27 +159,37 @@ def test_drift_importance_by_hand():
     after = {"a": torch.tensor([0.75, -0.5]),  # drift 0.25, -0.25
              "b": torch.tensor([[1.0, 2.5], [3.0, 2.0]])}  # drift 0, 0.5, 0, -2
     # s = 1: mean of squared drifts
-    raw = C.drift_importance(before, after, mse_factor=1.0)
-    assert set(raw) == {"a", "b"}
-    assert raw["a"] == pytest.approx((0.0625 + 0.0625) / 2, rel=1e-12)
-    assert raw["b"] == pytest.approx((0.0 + 0.25 + 0.0 + 4.0) / 4, rel=1e-12)
+    assert C.drift_importance(before["a"], after["a"], mse_factor=1.0) == pytest.approx((0.0625 + 0.0625) / 2, rel=1e-12)
+    assert C.drift_importance(before["b"], after["b"], mse_factor=1.0) == pytest.approx((0.0 + 0.25 + 0.0 + 4.0) / 4, rel=1e-12)
     # s = 1e10: scaled by s^2 = 1e20 (no float32 overflow, no loss of precision)
-    raw = C.drift_importance(before, after)  # default s = 1e10
+    raw = {n: C.drift_importance(before[n], after[n]) for n in before}  # default s = 1e10
     assert raw["a"] == pytest.approx(0.0625 * 1e20, rel=1e-12)
     assert raw["b"] == pytest.approx(1.0625 * 1e20, rel=1e-12)
-    assert all(isinstance(v, float) for v in raw.values())
+    assert all(type(v) is float for v in raw.values())
+    # the direction does not matter (a square), nor the order of the arguments
+    assert C.drift_importance(after["b"], before["b"], mse_factor=1.0) == pytest.approx(1.0625, rel=1e-12)
 
 
 def test_drift_importance_small_float32_drift_at_default_scale():
     # a realistic drift on float32 weights: the difference is taken before scaling and in float64
-    before = {"w": torch.full((4,), 0.1, dtype=torch.float32)}
-    after = {"w": before["w"] + torch.tensor([1e-3, -1e-3, 2e-3, 0.0])}
-    d = (after["w"].double() - before["w"].double())
-    expected = ((d * 1e10) ** 2).mean().item()
+    before = torch.full((4,), 0.1, dtype=torch.float32)
+    after = before + torch.tensor([1e-3, -1e-3, 2e-3, 0.0])
+    d = [float(a) - float(b) for a, b in zip(after.tolist(), before.tolist())]  # exact float64 differences
+    expected = math.fsum((x * 1e10) ** 2 for x in d) / 4
     raw = C.drift_importance(before, after)
-    assert raw["w"] == pytest.approx(expected, rel=1e-12)
-    assert math.isfinite(raw["w"]) and raw["w"] == pytest.approx(1.5e14, rel=1e-3)
-    assert C.drift_importance(before, {"w": before["w"].clone()})["w"] == 0.0
+    assert raw == pytest.approx(expected, rel=1e-12)
+    assert math.isfinite(raw) and raw == pytest.approx(1.5e14, rel=1e-3)
+    # in float32 the scaled squares (~1e14) would keep only ~7 digits; the float64 result keeps them all
+    assert C.drift_importance(before, before.clone()) == 0.0
+    # a bf16 tensor works too (the difference is formed in float64)
+    b16, a16 = before.bfloat16().tolist(), after.bfloat16().tolist()
+    assert C.drift_importance(before.bfloat16(), after.bfloat16(), mse_factor=1.0) == pytest.approx(
+        statistics.fmean((a - b) ** 2 for a, b in zip(a16, b16)), rel=1e-12)
+
+
+def drift(before: dict, after: dict, s: float = 1e10) -> dict:
+    """Per-tensor raw importance, as hbat.record_drift builds it from C.drift_importance."""
+    return {n: C.drift_importance(before[n], after[n], s) for n in before}
 
 
 def test_softmax_importance_by_hand():
@@ -197,12 +211,12 @@ def test_softmax_importance_is_one_hot_at_default_scale():
     before = {f"t{i}": torch.randn(8, 8) for i in range(5)}
     sizes = [1.0e-3, 1.3e-3, 0.7e-3, 2.0e-3, 1.1e-3]  # realistic drifts of different sizes per tensor
     after = {n: before[n] + s * torch.randn(8, 8).sign() for n, s in zip(before, sizes)}
-    w = C.softmax_importance(C.drift_importance(before, after))  # default s = 1e10
+    w = C.softmax_importance(drift(before, after))  # default s = 1e10
     assert sum(w.values()) == pytest.approx(1.0, abs=1e-12)
     assert w["t3"] == 1.0
     assert all(w[n] == 0.0 for n in w if n != "t3")
     # with s = 1 the same drifts give (nearly) uniform weights: s is a temperature
-    w1 = C.softmax_importance(C.drift_importance(before, after, mse_factor=1.0))
+    w1 = C.softmax_importance(drift(before, after, 1.0))
     assert all(w1[n] == pytest.approx(0.2, rel=1e-4) for n in w1)
 
 
@@ -229,10 +243,11 @@ class TwoTensors(torch.nn.Module):
 
 def test_hbat_penalty_by_hand():
     model = TwoTensors()
-    anchor = C.snapshot(model)
+    params = C.trainable(model)
+    anchor = C.snapshot(params)
     weights = {"a": 0.25, "b": 0.75}
 
-    at_anchor = C.hbat_penalty(model, weights, anchor, lam=2.0, max_weight=100.0)
+    at_anchor = C.hbat_penalty(params, weights, anchor, lam=2.0, max_weight=100.0)
     assert at_anchor.item() == 0.0
 
     with torch.no_grad():
@@ -240,7 +255,7 @@ def test_hbat_penalty_by_hand():
         model.b += torch.tensor([[2.0, 0.0, -1.0]])  # d_b = (2, 0, -1)
     # M * sum_n w_n * sum_j (lam * d)^2 with lam = 2, M = 100:
     #   a: 0.25 * 4 * (1 + 0.25) = 1.25 ;  b: 0.75 * 4 * (4 + 0 + 1) = 15 ;  total 100 * 16.25 = 1625
-    value = C.hbat_penalty(model, weights, anchor, lam=2.0, max_weight=100.0)
+    value = C.hbat_penalty(params, weights, anchor, lam=2.0, max_weight=100.0)
     assert value.item() == pytest.approx(1625.0, rel=1e-6)
     value.backward()
     # gradient: M * w_n * 2 * lam^2 * d
@@ -248,16 +263,17 @@ def test_hbat_penalty_by_hand():
     torch.testing.assert_close(model.b.grad, 100 * 0.75 * 2 * 4 * torch.tensor([[2.0, 0.0, -1.0]]))
 
     # defaults lam = 1, M = 100
-    assert C.hbat_penalty(model, weights, anchor).item() == pytest.approx(100 * (0.25 * 1.25 + 0.75 * 5), rel=1e-6)
+    assert C.hbat_penalty(params, weights, anchor).item() == pytest.approx(100 * (0.25 * 1.25 + 0.75 * 5), rel=1e-6)
 
 
 def test_hbat_penalty_skips_zero_weight_tensors():
     model = TwoTensors()
-    anchor = C.snapshot(model)
+    params = C.trainable(model)
+    anchor = C.snapshot(params)
     with torch.no_grad():
         model.a += torch.tensor([3.0, 1.0])
         model.b += torch.tensor([[1.0, 1.0, 1.0]])
-    value = C.hbat_penalty(model, {"a": 0.0, "b": 1.0}, anchor, lam=1.0, max_weight=10.0)
+    value = C.hbat_penalty(params, {"a": 0.0, "b": 1.0}, anchor, lam=1.0, max_weight=10.0)
     assert value.item() == pytest.approx(10 * 3.0, rel=1e-6)  # only b: 10 * 1 * (1+1+1)
     value.backward()
     assert model.a.grad is None  # a was skipped, not multiplied by 0
@@ -266,28 +282,30 @@ def test_hbat_penalty_skips_zero_weight_tensors():
     # skipping changes nothing: a zero-weight tensor is skipped even when its drift is not finite
     with torch.no_grad():
         model.a.fill_(float("inf"))
-    value = C.hbat_penalty(model, {"a": 0.0, "b": 1.0}, anchor, lam=1.0, max_weight=10.0)
+    value = C.hbat_penalty(params, {"a": 0.0, "b": 1.0}, anchor, lam=1.0, max_weight=10.0)
     assert value.item() == pytest.approx(30.0, rel=1e-6)
 
     # all weights zero: a 0-dim zero tensor, not a Python int
-    none = C.hbat_penalty(model, {"a": 0.0, "b": 0.0}, anchor)
+    none = C.hbat_penalty(params, {"a": 0.0, "b": 0.0}, anchor)
     assert torch.is_tensor(none) and none.dim() == 0 and none.item() == 0.0
+    assert none.device.type == "cpu" and not none.requires_grad  # nothing to backward through
 
 
 def test_hbat_penalty_with_one_hot_weights_from_realistic_drift():
     # end to end: drift -> importance -> softmax (one-hot) -> penalty on the most-drifted tensor only
     model = TwoTensors()
-    start = C.snapshot(model)
+    params = C.trainable(model)
+    start = C.snapshot(params)
     with torch.no_grad():
         model.a += 1e-3
         model.b += 2e-3  # b drifted more
-    w = C.softmax_importance(C.accumulate_importance(None, C.drift_importance(start, C.snapshot(model))))
+    w = C.softmax_importance(C.accumulate_importance(None, drift(start, C.snapshot(params))))
     assert w == {"a": 0.0, "b": 1.0}
-    anchor = C.snapshot(model)
+    anchor = C.snapshot(params)
     with torch.no_grad():
         model.a += 1.0
         model.b += 1.0
-    assert C.hbat_penalty(model, w, anchor).item() == pytest.approx(100 * 3.0, rel=1e-5)
+    assert C.hbat_penalty(params, w, anchor).item() == pytest.approx(100 * 3.0, rel=1e-5)
 
 
 def test_sum_importance_and_weight_spread_by_hand():
@@ -299,3 +317,30 @@ def test_sum_importance_and_weight_spread_by_hand():
     assert entropy == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75))) and top == 0.75
     assert C.weight_spread({"a": 1.0, "b": 0.0}) == (0.0, 1.0)
     assert C.weight_spread({n: 0.25 for n in "abcd"}) == (pytest.approx(math.log(4)), 0.25)
+
+
+def test_penalties_read_exactly_the_tensors_handed_in():
+    """The pure penalties sum over the dict they are given (the caller picks this rank's part with
+    my_part): a tensor left out adds nothing and gets no gradient, even where fisher, anchor or weights
+    name it. With one process my_part is the whole dict, the same tensors."""
+    model = TwoTensors()
+    params = C.trainable(model)
+    anchor = C.snapshot(params)
+    with torch.no_grad():
+        model.a += torch.tensor([1.0, 2.0])  # d_a = (1, 2)
+        model.b += torch.tensor([[1.0, -1.0, 0.5]])  # d_b = (1, -1, 0.5)
+    fisher = {"a": torch.tensor([2.0, 1.0]), "b": torch.tensor([[1.0, 3.0, 4.0]])}
+    only_b = {"b": params["b"]}
+    # EWC on b alone: 0.5 * lam * (1*1 + 3*1 + 4*0.25) = 0.5 * 2 * 5 = 5; both: + 0.5 * 2 * (2*1 + 1*4) = + 6
+    assert C.ewc_penalty(only_b, fisher, anchor, lam=2.0).item() == pytest.approx(5.0, rel=1e-6)
+    assert C.ewc_penalty(params, fisher, anchor, lam=2.0).item() == pytest.approx(11.0, rel=1e-6)
+    # HBAT on b alone: M * w_b * (1 + 1 + 0.25) = 10 * 0.5 * 2.25 = 11.25, though w_a is not zero
+    value = C.hbat_penalty(only_b, {"a": 0.5, "b": 0.5}, anchor, lam=1.0, max_weight=10.0)
+    assert value.item() == pytest.approx(11.25, rel=1e-6)
+    value.backward()
+    assert model.a.grad is None and model.b.grad is not None
+    assert C.ewc_penalty({}, fisher, anchor, lam=2.0).item() == 0.0
+
+    mine = C.my_part(params)
+    assert list(mine) == list(params) and all(mine[n] is params[n] for n in params)
+    assert all(C.whole(p) is p for p in params.values())

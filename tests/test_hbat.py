@@ -1,5 +1,6 @@
-"""hbat.py: the modified EWC's bookkeeping across rounds checked by hand, anchors and references, the
-K = 1 equivalence to two_stage_baseline.py, the ablations, resume, and smoke runs."""
+"""hbat.py: the alternation, the modified EWC's bookkeeping across rounds checked by hand, anchors and
+references, every stage's learning-rate schedule and optimizer (ours and the authors'), the K = 1 and
+--compare equivalences to two_stage_baseline.py, the ablations, resume, and smoke runs."""
 import json
 import math
 from pathlib import Path
@@ -40,8 +41,56 @@ def assert_same_weights(a: dict, b: dict):
 # ------------------------------------------------------------------------------- pure helpers
 
 
-def test_stage_list_alternates_sft_then_preference():
-    assert hbat.stage_list(2) == [(1, "sft"), (1, "pref"), (2, "sft"), (2, "pref")]
+def test_alternate_runs_sft_then_preference_per_round_and_continues_from_next_stage():
+    """Stand-in stages: round i is SFT on SFT shard i, then the preference stage on preference shard i, stage j
+    (0-based) seeded seed + j; next_stage counts the stages done when after_stage runs (its checkpoint resumes
+    after the stage); a state at next_stage 3 runs stages 3.. only. Each stage's drift goes to the other
+    kind's accumulator, summed over rounds."""
+    cfg = hbat.Config(rounds=3, ewc="none", seed=7)
+    policy = torch.nn.Linear(2, 2, dtype=torch.float64)
+    torch.nn.init.zeros_(policy.weight), torch.nn.init.zeros_(policy.bias)
+    sft_shards, pref_shards = [["s1"], ["s2"], ["s3"]], [[{"chosen": "c1"}], [{"chosen": "c2"}], [{"chosen": "c3"}]]
+    seen = []
+
+    def train_stage(kind, round_, shard, penalty, seed):
+        seen.append((kind, round_, shard, penalty, seed))
+        with torch.no_grad():  # SFT moves the weight by 2e-10, the preference stage the bias by 1e-10
+            (policy.weight if kind == "sft" else policy.bias).add_(2e-10 if kind == "sft" else 1e-10)
+        return []
+
+    def run(next_stage):
+        state, done = {"next_stage": next_stage, "importance": {"sft": None, "pref": None}}, []
+        hbat.alternate(cfg, policy, {"sft": sft_shards, "pref": pref_shards}, state, device=torch.device("cpu"), dtype=torch.float32,
+                       train_stage=train_stage, after_stage=lambda kind, round_, regulariser, spread: done.append(
+                           (kind, round_, state["next_stage"], regulariser, spread)))
+        return state, done
+
+    state, done = run(0)
+    assert seen == [("sft", 1, ["s1"], None, 7), ("pref", 1, [{"chosen": "c1"}], None, 8), ("sft", 2, ["s2"], None, 9),
+                    ("pref", 2, [{"chosen": "c2"}], None, 10), ("sft", 3, ["s3"], None, 11), ("pref", 3, [{"chosen": "c3"}], None, 12)]
+    assert done == [(kind, round_, index + 1, "-", {}) for index, (kind, round_, *_) in enumerate(seen)]
+    assert state["next_stage"] == 6
+    # mean((delta * 1e10)^2) per tensor, three stages of each kind summed: SFT drift 3 * 2^2, preference drift 3 * 1^2
+    assert state["importance"]["pref"] == pytest.approx({"weight": 12.0, "bias": 0.0}, rel=1e-9)
+    assert state["importance"]["sft"] == pytest.approx({"weight": 0.0, "bias": 3.0}, rel=1e-9)
+    seen.clear()
+    state, done = run(3)
+    assert seen == [("pref", 2, [{"chosen": "c2"}], None, 10), ("sft", 3, ["s3"], None, 11), ("pref", 3, [{"chosen": "c3"}], None, 12)]
+    assert [d[2] for d in done] == [4, 5, 6]
+
+
+def test_record_drift_adds_the_mean_squared_scaled_move_to_the_other_kinds_accumulator():
+    state = {"importance": {"sft": None, "pref": None}}
+    zero = {"a": torch.zeros(2, 2, dtype=torch.float64), "b": torch.zeros(3, dtype=torch.float64)}
+    moved = {"a": torch.full((2, 2), 2e-10, dtype=torch.float64), "b": torch.tensor([0.0, 0.0, 3e-10], dtype=torch.float64)}
+    hbat.record_drift(state, "sft", zero, moved)  # an SFT stage's drift guards the preference stages
+    assert state["importance"]["sft"] is None
+    assert state["importance"]["pref"] == pytest.approx({"a": 4.0, "b": 3.0}, rel=1e-12)  # a: 2^2; b: (0 + 0 + 3^2) / 3
+    hbat.record_drift(state, "sft", moved, zero)  # the way back drifts as much: summed
+    assert state["importance"]["pref"] == pytest.approx({"a": 8.0, "b": 6.0}, rel=1e-12)
+    hbat.record_drift(state, "pref", zero, moved)
+    assert state["importance"]["sft"] == pytest.approx({"a": 4.0, "b": 3.0}, rel=1e-12)
+    assert state["importance"]["pref"] == pytest.approx({"a": 8.0, "b": 6.0}, rel=1e-12)  # untouched
 
 
 def test_most_important_takes_the_top_fraction():
@@ -80,7 +129,7 @@ def record_stages(monkeypatch):
             params = dict(policy.named_parameters())
             shard, cfg = args[-2:]
             call = {"kind": kind, "start": {n: p.detach().clone() for n, p in params.items()}, "penalty": penalty,
-                    "shard": shard, "seed": kwargs["seed"], "warmup_steps": cfg.warmup_steps}
+                    "shard": shard, "seed": kwargs["seed"], "cfg": cfg}
             call["penalty_at_start"] = None if penalty is None else float(penalty().detach())
             with torch.no_grad():
                 for name, delta in moves.items():
@@ -122,12 +171,13 @@ def test_hbat_importance_anchor_and_penalty_across_two_rounds_by_hand(tmp_path, 
         expected = max_weight[call["kind"]] * sum(weights[n] * numel[n] * (lam * d) ** 2 for n, d in move.items())
         assert call["penalty_at_start"] == 0.0
         assert call["penalty_after_move"] == pytest.approx(expected, rel=1e-5)
-    # each stage trains on its own shard with its own seed; the warm-up happens in round 1 only
+    # each stage trains on its own shard (half the rows, in order) with its own seed, under the run's settings
+    # (--schedule ours: each stage's schedule is built from them; test_every_stage_has_its_own_schedule)
     data = C.load_data(cfg, C.load_tokenizer("tiny"))
-    sft_shards, pref_shards = C.shards(data["sft"], 2), C.shards(data["pref"], 2)
+    sft_shards, pref_shards = [data["sft"][:16], data["sft"][16:]], [data["pref"][:16], data["pref"][16:]]
     assert [c["shard"] for c in calls] == [sft_shards[0], pref_shards[0], sft_shards[1], pref_shards[1]]
     assert [c["seed"] for c in calls] == [cfg.seed + i for i in range(4)]
-    assert [c["warmup_steps"] for c in calls] == [cfg.warmup_steps, cfg.warmup_steps, 0, 0]
+    assert all(c["cfg"] == cfg for c in calls)
     state = json.loads((Path(cfg.output_dir) / "checkpoint" / "state.json").read_text())
     assert state["importance"]["sft"] == pytest.approx({**zeros, NORM: 0.5e20})  # carried: two pref drifts
     assert state["importance"]["pref"] == pytest.approx({**zeros, A: 2.0e20, B: 8.0e20})
@@ -175,6 +225,81 @@ def test_anchor_and_reference_are_the_previous_stage_output(tmp_path, monkeypatc
         assert any(not torch.equal(previous["end"][n], previous["start"][n]) for n in previous["end"])  # it trained
 
 
+# ------------------------------------------------------------------------------- every stage's schedule and optimizer
+# A real run, rounds 2: 16 SFT rows and 16 pairs per shard in batches of 4, so an SFT stage (1 epoch) is 4
+# steps and a DPO stage (2 epochs) 8. The factors of the peak learning rate, by hand: a warm-up of w steps
+# gives (s + 1) / w at step s; then k = 0, 1, ... of the remaining T - w steps give 0.5 (1 + cos(pi k / (T - w)))
+# (cosine) or 1 - k / (T - w) (linear).
+
+R2, R3 = math.sqrt(2) / 2, math.sqrt(3) / 2
+SCHEDULE_RUN = dict(rounds=2, batch_size=4, sft_epochs=1, pref_epochs=2)
+HAND_FACTORS = {  # --warmup_steps 2 (at most half the stage: 2 of 4, 2 of 8)
+    "cosine": {"sft": [1 / 2, 1, 1, 1 / 2], "pref": [1 / 2, 1, 1, (1 + R3) / 2, 3 / 4, 1 / 2, 1 / 4, (1 - R3) / 2]},
+    "linear": {"sft": [1 / 2, 1, 1, 1 / 2], "pref": [1 / 2, 1, 1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6]},
+    # --schedule authors: SFT cosine without warm-up; preference cosine with min(100, 8 // 2) = 4 warm-up steps
+    "authors": {"sft": [1, (1 + R2) / 2, 1 / 2, (1 - R2) / 2], "pref": [1 / 4, 2 / 4, 3 / 4, 1, 1, (1 + R2) / 2, 1 / 2, (1 - R2) / 2]}}
+
+
+def step_lrs(out) -> dict[str, list[float]]:
+    """The "lr" of every logged optimizer step, by stage."""
+    lrs = {}
+    for row in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()):
+        if "step" in row:
+            lrs.setdefault(row["stage"], []).append(row["lr"])
+    return lrs
+
+
+def record_optimizers(monkeypatch) -> list:
+    """Per stage_optimizer call, its param groups sorted: [(the kinds of tensor, matrix or not, weight_decay, betas)]."""
+    seen, real = [], C.stage_optimizer
+
+    def record(params, cfg, lr, total_steps):
+        optimizer, schedule = real(params, cfg, lr, total_steps)
+        seen.append(sorted((sorted({p.ndim >= 2 for p in g["params"]}), g["weight_decay"], tuple(g["betas"])) for g in optimizer.param_groups))
+        return optimizer, schedule
+
+    monkeypatch.setattr(C, "stage_optimizer", record)
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_every_stage_has_its_own_schedule(tmp_path, monkeypatch, kind):
+    """--schedule ours: every stage, round 2's too, warms up and decays over its own steps, by the flags;
+    --weight_decay on the matrices (not norms) and --adam_beta2 in every stage."""
+    optimizers = record_optimizers(monkeypatch)
+    cfg = config(tmp_path, **SCHEDULE_RUN, lr_scheduler_type=kind, warmup_steps=2, weight_decay=0.3, adam_beta2=0.99)
+    hbat.main(cfg)
+    lr = {"sft": cfg.sft_lr, "pref": cfg.pref_lr}
+    expected = {f"round {r} {name}": [lr[k] * f for f in HAND_FACTORS[kind][k]] for r in (1, 2) for k, name in (("sft", "sft"), ("pref", "dpo"))}
+    got = step_lrs(cfg.output_dir)
+    assert list(got) == list(expected)
+    for stage in expected:
+        assert got[stage] == pytest.approx(expected[stage], rel=1e-12, abs=0), stage
+    assert len(optimizers) == 4
+    for groups in optimizers:
+        assert groups == [([False], 0.0, (0.9, 0.99)), ([True], 0.3, (0.9, 0.99))]  # norms: no decay
+
+
+def test_authors_schedule_per_stage(tmp_path, monkeypatch):
+    """--schedule authors overrides the schedule flags: SFT stages cosine without warm-up, no weight decay;
+    preference stages cosine with warm-up min(100, half the stage), weight decay 0.1 on matrices; betas
+    (0.9, 0.95) in both."""
+    optimizers = record_optimizers(monkeypatch)
+    cfg = config(tmp_path, **SCHEDULE_RUN, schedule="authors", lr_scheduler_type="linear", warmup_steps=1, weight_decay=0.3, adam_beta2=0.99)
+    hbat.main(cfg)
+    lr = {"sft": cfg.sft_lr, "pref": cfg.pref_lr}
+    expected = {f"round {r} {name}": [lr[k] * f for f in HAND_FACTORS["authors"][k]] for r in (1, 2) for k, name in (("sft", "sft"), ("pref", "dpo"))}
+    got = step_lrs(cfg.output_dir)
+    assert list(got) == list(expected)
+    for stage in expected:
+        assert got[stage] == pytest.approx(expected[stage], rel=1e-12, abs=0), stage
+    sft_groups = [([False], 0.0, (0.9, 0.95)), ([True], 0.0, (0.9, 0.95))]
+    pref_groups = [([False], 0.0, (0.9, 0.95)), ([True], 0.1, (0.9, 0.95))]
+    assert optimizers == [sft_groups, pref_groups, sft_groups, pref_groups]
+    # the settings recorded are the run's own (the override is per stage, not a rewrite of the config)
+    assert json.loads((Path(cfg.output_dir) / "results.json").read_text())["config"]["weight_decay"] == 0.3
+
+
 # ------------------------------------------------------------------------------- equivalence to the baseline
 
 
@@ -187,6 +312,36 @@ def test_one_round_without_ewc_is_the_two_stage_baseline(tmp_path, pref):
     hbat_results = json.loads((tmp_path / "hbat" / "results.json").read_text())
     baseline_results = json.loads((tmp_path / "baseline" / "results.json").read_text())
     assert hbat_results[f"hbat {pref}"] == pytest.approx(baseline_results[f"sft+{pref}"])
+
+
+@pytest.mark.parametrize("pref", ["dpo", "ppo"])
+def test_compare_arms_are_the_two_stage_baseline_and_its_joint_objective(tmp_path, pref):
+    """--compare: out/two_stage is `two_stage_baseline.py`, out/joint is `two_stage_baseline.py --sft_coef 1`
+    (the default --joint_coef), weight for weight; and the joint objective trains something else."""
+    cfg = config(tmp_path, pref=pref, compare=True, rounds=2, model="tiny", output_dir=str(tmp_path / "hbat"))
+    results = hbat.main(cfg)
+    out = tmp_path / "hbat"
+    for name, sft_coef in (("two_stage", 0.0), ("joint", 1.0)):
+        two_stage_baseline.main(two_stage_baseline.Config(**TINY, pref=pref, sft_coef=sft_coef, output_dir=str(tmp_path / name)))
+        assert_same_weights(final_weights(out / name), final_weights(tmp_path / name))
+        baseline = json.loads((tmp_path / name / "results.json").read_text())
+        assert results[f"{name.replace('_', '-')} {pref}"] == pytest.approx(baseline[f"sft+{pref}"])
+    assert results["two-stage sft"] == pytest.approx(json.loads((tmp_path / "two_stage" / "results.json").read_text())["sft"])
+    two_stage, joint = final_weights(out / "two_stage"), final_weights(out / "joint")
+    assert any(not torch.equal(two_stage[n], joint[n]) for n in two_stage)
+    term = "nll/chosen" if pref == "dpo" else "loss/sft"  # the joint term, logged at every preference step of the joint arm only
+    for name, logged in (("joint", True), ("two_stage", False)):
+        steps = [r for r in map(json.loads, (out / name / "metrics.jsonl").read_text().splitlines()) if r["stage"] == f"round 1 {pref}"]
+        assert steps and all((term in r) == logged for r in steps), name
+    assert [row["stage"] for row in results["joint_trajectory"]] == ["round 1 sft", f"round 1 {pref}"]
+
+
+def test_joint_coef_zero_leaves_the_joint_arm_out(tmp_path):
+    results = hbat.main(config(tmp_path, compare=True, rounds=1, n_sft=16, n_pref=16, joint_coef=0.0))
+    out = tmp_path / "run"
+    assert not (out / "joint").exists() and (out / "two_stage" / "final").is_dir() and (out / "final").is_dir()
+    assert "joint dpo" not in results and "joint_trajectory" not in results
+    assert {"two-stage sft", "two-stage dpo", "hbat dpo", "two_stage_trajectory"} <= set(results)
 
 
 # ------------------------------------------------------------------------------- ablations
@@ -250,14 +405,14 @@ def test_fisher_ablation_uses_textbook_ewc_on_the_other_objectives_data(tmp_path
     with torch.no_grad():
         for name, p in policy.named_parameters():
             p.copy_(calls[1]["start"][name])
-    expected = C.empirical_fisher(policy, C.shards(data["sft"], 2)[0][:4], torch.device("cpu"))
+    expected = C.empirical_fisher(policy, data["sft"][:16][:4], torch.device("cpu"))  # (shard 1: the first 16 of 32 rows)
     for name, value in expected.items():
         torch.testing.assert_close(penalty.args[1][name], value)
     # round 2 SFT: Fisher of the chosen responses of round 1's preference shard, at that stage's start
     with torch.no_grad():
         for name, p in policy.named_parameters():
             p.copy_(calls[2]["start"][name])
-    expected = C.empirical_fisher(policy, [p["chosen"] for p in C.shards(data["pref"], 2)[0][:4]], torch.device("cpu"))
+    expected = C.empirical_fisher(policy, [p["chosen"] for p in data["pref"][:16][:4]], torch.device("cpu"))
     for name, value in expected.items():
         torch.testing.assert_close(calls[2]["penalty"].args[1][name], value)
 
@@ -302,8 +457,8 @@ def test_resume_without_a_checkpoint_starts_from_the_beginning(tmp_path, capsys)
 
 
 def test_compare_with_ppo_gives_both_runs_one_reward_model(tmp_path, monkeypatch):
-    """--compare --pref ppo: every PPO stage, the baseline's and each of HBAT's, optimises the reward model
-    the baseline trained (saved in two_stage/reward_model/); HBAT trains none of its own."""
+    """--compare --pref ppo: every PPO stage, the baseline's, the joint arm's and each of HBAT's, optimises the
+    reward model the baseline trained (saved in two_stage/reward_model/); the others train none of their own."""
     used, real_train_ppo, trained = [], C.train_ppo, []
     monkeypatch.setattr(C, "train_ppo", lambda policy, ref, reward_model, *a, **k: (
         used.append(params_of(reward_model)), real_train_ppo(policy, ref, reward_model, *a, **k))[1])
@@ -311,7 +466,8 @@ def test_compare_with_ppo_gives_both_runs_one_reward_model(tmp_path, monkeypatch
     monkeypatch.setattr(C, "train_reward_model", lambda *a, **k: (trained.append(1), real_train_rm(*a, **k))[1])
     hbat.main(config(tmp_path, pref="ppo", compare=True, rounds=2, ppo_epochs=1))
     out = tmp_path / "run"
-    assert len(used) == 3 and len(trained) == 1 and not (out / "reward_model").exists()
+    assert len(used) == 4 and len(trained) == 1  # two-stage, joint: one PPO stage each; HBAT: two
+    assert not (out / "reward_model").exists() and not (out / "joint" / "reward_model").exists()
     saved = load_file(out / "two_stage" / "reward_model" / "model.safetensors")
     for weights in used:
         assert weights.keys() == saved.keys()
@@ -344,7 +500,8 @@ def test_smoke_hbat_end_to_end(script_run, case):
     results = json.loads((out / "results.json").read_text())
     pref = SMOKE[case][1]
     assert len(results["trajectory"]) == 4 and f"hbat {pref}" in results
-    assert (f"two-stage {pref}" in results) == ("--compare" in SMOKE[case])
+    for key in (f"two-stage {pref}", f"joint {pref}", "two_stage_trajectory", "joint_trajectory"):
+        assert (key in results) == ("--compare" in SMOKE[case]), key
     assert "HBAT trajectory" in proc.stdout
     if "fisher" not in SMOKE[case]:  # HBAT's penalty: how its weights spread and its share are logged
         penalised, released = results["trajectory"][1:], "released" in SMOKE[case]

@@ -142,25 +142,37 @@ def test_generation_prompt_keeps_bos_when_cutting():
     bos = tok.bos_token_id
     text = "summarize : alice found the car in the park . summary :"  # 12 words
     words = ids_of(tok, text)
+
+    def cfg(max_length, max_prompt_length, max_new_tokens):
+        return dataclasses.replace(common.TrainConfig(), max_length=max_length, max_prompt_length=max_prompt_length,
+                                   max_new_tokens=max_new_tokens)
+
     # room = max(16 - 8, 4) = 8 tokens, BOS counted: BOS + the last 7 words
-    assert common.generation_prompt(tok, text, 16, 4, 8) == [bos] + words[-7:]
+    assert common.generation_prompt(tok, text, cfg(16, 4, 8)) == [bos] + words[-7:]
     # floor: max(16 - 14, 5) = 5 tokens: BOS + the last 4 words
-    assert common.generation_prompt(tok, text, 16, 5, 14) == [bos] + words[-4:]
+    assert common.generation_prompt(tok, text, cfg(16, 5, 14)) == [bos] + words[-4:]
     # fits (13 <= max(40 - 8, 4)): whole, one BOS
-    assert common.generation_prompt(tok, text, 40, 4, 8) == [bos] + words
+    assert common.generation_prompt(tok, text, cfg(40, 4, 8)) == [bos] + words
+    # without a BOS token the cut is a plain keep-the-last: max(16 - 8, 4) = 8 words
+    plain = common.build_tiny_tokenizer()
+    assert common.generation_prompt(plain, text, cfg(16, 4, 8)) == ids_of(plain, text)[-8:]
 
 
 # ------------------------------------------------------------------------------------------------
-# 4. last_token_index and sequence_scores (pad == EOS, right padding)
+# 4. sequence_scores: the last real token (pad == EOS, right and left padding)
 # ------------------------------------------------------------------------------------------------
 
 
-def test_last_token_index_by_hand():
+def test_sequence_scores_read_the_last_real_token_index_by_hand(monkeypatch):
+    """sequence_scores picks, in each row, the head's output at the last position the mask keeps, for
+    right and left padding: with a head whose output at column j is j, the score is that index."""
+    monkeypatch.setattr(common, "score_tokens", lambda model, input_ids, attention_mask:
+                        torch.arange(attention_mask.shape[1], dtype=torch.float32).expand(attention_mask.shape))
     right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]])
-    assert common.last_token_index(right).tolist() == [2, 4, 0, 3]
+    assert common.sequence_scores(None, torch.zeros_like(right), right).tolist() == [2, 4, 0, 3]
     left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1], [0, 1, 1, 1, 1]])
-    assert common.last_token_index(left).tolist() == [4, 4, 4, 4]
-    assert common.last_token_index(left.bool()).tolist() == [4, 4, 4, 4]
+    assert common.sequence_scores(None, torch.zeros_like(left), left).tolist() == [4, 4, 4, 4]
+    assert common.sequence_scores(None, torch.zeros_like(left), left.bool()).tolist() == [4, 4, 4, 4]
 
 
 @torch.no_grad()
@@ -170,7 +182,8 @@ def alone_score(reward_model, ids):
     return reward_model.score(hidden).squeeze(-1).item()
 
 
-def test_sequence_scores_read_last_real_token_when_pad_is_eos(tiny_dir):
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_sequence_scores_read_last_real_token_when_pad_is_eos(tiny_dir, side):
     tok = common.build_tiny_tokenizer()
     tok.pad_token = tok.eos_token
     eos = tok.eos_token_id
@@ -181,9 +194,11 @@ def test_sequence_scores_read_last_real_token_when_pad_is_eos(tiny_dir):
     seqs = [ids_of(tok, "summarize : alice found the car summary : alice found car") + [eos],
             ids_of(tok, "summarize : bob sold lamp summary : bob") + [eos],
             ids_of(tok, "summary : carol fixed door ; dave lost book") + [eos]]
-    batch = common.collate([{"input_ids": s, "labels": s} for s in seqs], tok.pad_token_id)
-    assert (batch["input_ids"][1, len(seqs[1]):] == eos).all()  # padding looks exactly like EOS
-    assert common.last_token_index(batch["attention_mask"]).tolist() == [len(s) - 1 for s in seqs]
+    assert len({len(s) for s in seqs}) == 3  # every row but the longest is padded
+    batch = {"input_ids": common.pad(seqs, tok.pad_token_id, side),
+             "attention_mask": common.pad([[1] * len(s) for s in seqs], 0, side)}
+    padding = batch["attention_mask"][1] == 0
+    assert padding.sum() > 0 and (batch["input_ids"][1][padding] == eos).all()  # padding looks exactly like EOS
     with torch.no_grad():
         got = common.sequence_scores(rm, batch["input_ids"], batch["attention_mask"])
     expected = torch.tensor([alone_score(rm, s) for s in seqs])
@@ -191,6 +206,57 @@ def test_sequence_scores_read_last_real_token_when_pad_is_eos(tiny_dir):
     # reading the token before the EOS (what a pad-id lookup would do) gives other numbers
     before_eos = torch.tensor([alone_score(rm, s[:-1]) for s in seqs])
     assert (got - before_eos).abs().min() > 1e-4
+
+
+# ------------------------------------------------------------------------------------------------
+# 4b. own_memory: loaded weights in memory torch allocated (aligned), ties kept
+# ------------------------------------------------------------------------------------------------
+
+
+def tensors_of(model):
+    """Every parameter and buffer, tied ones listed under each of their names."""
+    return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+
+
+def test_loaded_models_own_aligned_memory_and_keep_tied_weights(tiny_dir, monkeypatch):
+    """Why own_memory: transformers loads safetensors weights at offsets inside the file's buffer, so some
+    sit at addresses torch's allocator (64-byte aligned) never gives, where some CPU kernels round
+    differently. Through common.load_model (and load_reward_model) every tensor is torch-allocated and
+    64-byte aligned, the output layer still shares the embedding's tensor, and no value changed."""
+    from transformers import AutoModelForCausalLM
+
+    raw = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    misaligned = [n for n, t in tensors_of(raw) if t.data_ptr() % 64]
+    assert misaligned, "transformers' own load is aligned here: this test no longer shows why own_memory exists"
+    assert raw.config.tie_word_embeddings and raw.lm_head.weight is raw.model.embed_tokens.weight
+
+    tokenizer = common.load_tokenizer(str(tiny_dir))
+    model = common.load_model(str(tiny_dir), tokenizer)
+    assert [n for n, t in tensors_of(model) if t.data_ptr() % 64] == []
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied: one tensor, one gradient
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert len(list(model.parameters())) == len(list(raw.parameters()))
+    raw_state, state = raw.state_dict(), model.state_dict()
+    assert raw_state.keys() == state.keys() and all(torch.equal(raw_state[k], state[k]) for k in state)
+    # no tensor of the loaded model shares memory with the transformers load's storage
+    raw_pointers = {t.data_ptr() for _, t in tensors_of(raw)}
+    assert not raw_pointers & {t.data_ptr() for _, t in tensors_of(model)}
+
+    # own_memory itself, on the raw load: aligned now, same values, the tie kept (a training step moves both)
+    before = {k: v.clone() for k, v in raw.state_dict().items()}
+    assert common.own_memory(raw) is raw
+    assert [n for n, t in tensors_of(raw) if t.data_ptr() % 64] == []
+    assert all(torch.equal(before[k], v) for k, v in raw.state_dict().items())
+    with torch.no_grad():
+        raw.model.embed_tokens.weight[3, 0] += 1.0
+    assert raw.lm_head.weight[3, 0] == before["lm_head.weight"][3, 0] + 1.0
+
+    reward_model = common.load_reward_model(str(tiny_dir), tokenizer, new_head=True)
+    assert [n for n, t in tensors_of(reward_model) if t.data_ptr() % 64] == []
+
+    # control: the same load_model with own_memory a no-op leaves loaded tensors misaligned
+    monkeypatch.setattr(common, "own_memory", lambda model: model)
+    assert [n for n, t in tensors_of(common.load_model(str(tiny_dir), tokenizer)) if t.data_ptr() % 64]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -219,13 +285,13 @@ def test_load_reward_model_refuses_other_vocabulary(tiny_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# 6. reward_model_scorer scores the generated ids themselves
+# 6. preference_scorer: a reward model scores the generated ids themselves; the built-in task's gold reward
 # ------------------------------------------------------------------------------------------------
 
 
-def test_reward_model_scorer_scores_generated_ids(tiny_dir):
+def test_preference_scorer_with_a_reward_model_scores_generated_ids(tiny_dir):
     tok = common.build_tiny_tokenizer()
-    eos, pad = tok.eos_token_id, tok.pad_token_id
+    eos = tok.eos_token_id
     torch.manual_seed(0)
     rm = common.load_reward_model(str(tiny_dir), tok, new_head=True)
     prompt_ids = [ids_of(tok, "summarize : alice found the car summary :"),
@@ -234,19 +300,36 @@ def test_reward_model_scorer_scores_generated_ids(tiny_dir):
     response_ids = [ids_of(tok, "alice found car") + [eos],
                     ids_of(tok, "bob sold lamp and"),  # cut at max_new_tokens: no EOS
                     ids_of(tok, "carol") + [eos]]
-    score = common.reward_model_scorer(rm, pad, batch_size=2, device=CPU, dtype=F32)
-    got = score(["p"] * 3, ["r"] * 3, prompt_ids, response_ids)
-    assert len(got) == 3
-    with torch.no_grad():
-        expected = []
-        for p, r in zip(prompt_ids, response_ids):
-            b = common.collate([common.sequence(p, r)], pad)
-            expected.append(common.sequence_scores(rm, b["input_ids"], b["attention_mask"]).item())
-    assert got == pytest.approx(expected, abs=1e-5)
+    cfg = dataclasses.replace(common.TrainConfig(), eval_batch_size=2)  # batches of 2 and 1: padding in the first
+    score, name = common.preference_scorer(False, rm, True, tok, cfg, CPU, F32)
+    assert name == "--reward_model score"
+    got = score(["p"] * 3, ["r"] * 3, prompt_ids, response_ids)  # the texts are not read: the ids are scored
+    assert len(got) == 3 and all(isinstance(v, float) for v in got)
+    # one unpadded sequence at a time, the head read at its last token by hand
     assert got == pytest.approx([alone_score(rm, p + r) for p, r in zip(prompt_ids, response_ids)], abs=1e-5)
     # the unfinished response is scored as it is, not with an EOS appended
     with_eos = alone_score(rm, prompt_ids[1] + response_ids[1] + [eos])
     assert abs(got[1] - with_eos) > 1e-4
+    assert not rm.training  # scored in eval mode
+
+    # the reward model PPO optimised: the same scores, a name that says it is not an independent judge
+    score_ppo, name_ppo = common.preference_scorer(False, rm, False, tok, cfg, CPU, F32)
+    assert "not independent" in name_ppo
+    assert score_ppo(["p"] * 3, ["r"] * 3, prompt_ids, response_ids) == got
+    # real data without a reward model: nothing to score with
+    none, why = common.preference_scorer(False, None, True, tok, cfg, CPU, F32)
+    assert none is None and "--reward_model" in why
+
+
+def test_preference_scorer_on_the_builtin_task_is_the_gold_reward():
+    tok = common.build_tiny_tokenizer()
+    score, name = common.preference_scorer(True, None, True, tok, common.TrainConfig(), CPU, F32)
+    assert name == "gold reward"
+    prompt = "summarize : alice found the car in the park . bob sold the lamp in the market . summary :"
+    # by hand (test_losses.test_gold_reward_by_hand): the reference 1.0, fully styled 1.5, one fact 0.5
+    responses = ["alice found car ; bob sold lamp", "alice found car and bob sold lamp", "alice found car"]
+    assert score([prompt] * 3, responses) == pytest.approx([1.0, 1.5, 0.5])
+    assert score([prompt] * 3, responses, [[1]] * 3, [[2]] * 3) == pytest.approx([1.0, 1.5, 0.5])  # ids are not read
 
 
 # ------------------------------------------------------------------------------------------------
@@ -259,7 +342,8 @@ def test_evaluate_metrics_by_hand(trained_dir):
     eos = tok.eos_token_id
     rows = [{"prompt": r["prompt"], "reference": r["completion"]} for r in test_prompts(seed=5, n=8)]
     cfg = dataclasses.replace(common.TrainConfig(), max_new_tokens=8, eval_batch_size=4)
-    metrics, outputs = common.evaluate(model, tok, rows, cfg, device=CPU, dtype=F32, score_fn=common.gold_scorer)
+    gold_scorer, _ = common.preference_scorer(True, None, True, tok, cfg, CPU, F32)
+    metrics, outputs = common.evaluate(model, tok, rows, cfg, device=CPU, dtype=F32, score_fn=gold_scorer)
     responses = outputs["responses"]
     assert len(responses) == len(rows)
 
@@ -281,7 +365,7 @@ def test_evaluate_metrics_by_hand(trained_dir):
     assert metrics["reward"] == pytest.approx(sum(gold) / len(rows), abs=1e-12)
     assert "win_rate" not in metrics
 
-    again, _ = common.evaluate(model, tok, rows, cfg, device=CPU, dtype=F32, score_fn=common.gold_scorer, against=outputs)
+    again, _ = common.evaluate(model, tok, rows, cfg, device=CPU, dtype=F32, score_fn=gold_scorer, against=outputs)
     assert again["win_rate"] == 0.5
     assert {k: again[k] for k in metrics} == metrics
 
@@ -336,7 +420,8 @@ def test_zero_penalty_without_grad_changes_nothing(tiny_dir):
     plain, plain_log = _train(tiny_dir, examples)
     const, const_log = _train(tiny_dir, examples, lambda m: (lambda: torch.zeros(())))
     hbat, hbat_log = _train(tiny_dir, examples, lambda m: (
-        lambda anchor=common.snapshot(m): common.hbat_penalty(m, {n: 0.0 for n in anchor}, anchor)))
+        lambda anchor=common.snapshot(common.trainable(m)):
+            common.hbat_penalty(common.trainable(m), {n: 0.0 for n in anchor}, anchor)))
     assert len(plain_log) == 3  # 24 rows / 8
     for other in (const, hbat):
         assert all(torch.equal(plain[n], other[n]) for n in plain)
@@ -352,16 +437,17 @@ def test_zero_penalty_without_grad_changes_nothing(tiny_dir):
 
 def test_hbat_penalty_all_zero_weights_is_a_zero_tensor(tiny):
     model, _ = tiny
-    anchor = common.snapshot(model)
+    params = common.trainable(model)
+    anchor = common.snapshot(params)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    value = common.hbat_penalty(model, {n: 0.0 for n in anchor}, anchor)
+    value = common.hbat_penalty(params, {n: 0.0 for n in anchor}, anchor)
     assert torch.is_tensor(value) and value.dim() == 0 and value.item() == 0.0
     assert not value.requires_grad
     # one non-zero weight: a real, differentiable penalty (M * w * sum of squared drift)
     name = "model.norm.weight"
-    value = common.hbat_penalty(model, {n: (0.5 if n == name else 0.0) for n in anchor}, anchor)
+    value = common.hbat_penalty(params, {n: (0.5 if n == name else 0.0) for n in anchor}, anchor)
     assert value.requires_grad
     assert value.item() == pytest.approx(100 * 0.5 * anchor[name].numel(), rel=1e-6)
 

@@ -95,18 +95,40 @@ def left_batch(seqs, pad_id):
 # ------------------------------------------------------------------------------------------------
 
 
+def test_split_and_batches_of_by_hand():
+    """split: n contiguous parts in order, sizes differing by at most one (micro-batches, ranks' shares);
+    batches_of: parts of a fixed size, the last one shorter (optimizer batches)."""
+    items = list(range(7))
+    assert common.split(items, 3) == [[0, 1], [2, 3, 4], [5, 6]]  # bounds round(7/3) = 2, round(14/3) = 5
+    assert common.split(items, 1) == [items] and common.split(items, 7) == [[i] for i in items]
+    assert common.split(list("abcde"), 2) == [["a", "b"], ["c", "d", "e"]]  # round(2.5) = 2
+    for length in range(1, 12):
+        for n in range(1, length + 1):
+            parts = common.split(list(range(length)), n)
+            assert len(parts) == n and [x for part in parts for x in part] == list(range(length))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1 and min(map(len, parts)) >= 1
+    assert common.batches_of(items, 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert common.batches_of(items, 7) == [items] and common.batches_of(items, 10) == [items]
+    assert common.batches_of([], 4) == []
+
+
 def test_position_ids_from_mask_by_hand():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])
     assert common.position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 3]]
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_logps_match_brute_force_loop(tiny, side):
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+def test_logps_match_brute_force_loop(tiny, monkeypatch, side, fast):
+    """token_logps (the fast path where the output layer is plain, and the plain path) against a
+    pure-Python log-softmax of the model's own logits, position by position."""
     model, tokenizer = tiny
+    monkeypatch.setattr(common, "FAST_LOGPS", fast)
     seqs = seqs_with_labels(tokenizer)
     batch = (right_batch if side == "right" else left_batch)(seqs, tokenizer.pad_token_id)
     with torch.no_grad():
-        logits = common.forward_logits(model, batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=common.position_ids_from_mask(batch["attention_mask"])).logits
         sums, counts = common.sequence_logps(model, batch)
         per_token, mask = common.token_logps(model, batch)
     assert torch.isfinite(logits).all()
@@ -130,13 +152,19 @@ def test_logps_match_brute_force_loop(tiny, side):
                 assert float(per_token[b, t - 1]) == 0.0
 
 
-def full_logits_token_logps(model, batch, temperature=1.0):
-    """The computation token_logps replaced: every position's logits in float32, log_softmax, gather."""
-    logits = common.forward_logits(model, batch)[:, :-1].float() / temperature
-    labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE_INDEX
-    picked = logits.log_softmax(-1).gather(2, labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
-    return torch.where(mask, picked, 0.0)
+def plain_token_logps(monkeypatch, model, batch, temperature=1.0):
+    """The plain reference: token_logps with the fast path switched off (full logits, log_softmax, gather)."""
+    with monkeypatch.context() as m:
+        m.setattr(common, "FAST_LOGPS", False)
+        return common.token_logps(model, batch, temperature)
+
+
+def count_head_calls(model):
+    """How often the output layer runs as a module, and on how many positions (the plain path runs it on
+    all B x T; the fast path never calls it, it reads its weight)."""
+    calls = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: calls.append(args[0].shape[:-1].numel()))
+    return calls
 
 
 def grads_of(model, loss):
@@ -145,28 +173,61 @@ def grads_of(model, loss):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("side", ["right", "left"])
-@pytest.mark.parametrize("path", ["keep logits", "recompute, 2-row chunks", "model's own logits"])
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_response_only_logps_equal_the_full_logits_computation(tiny, monkeypatch, side, path, temperature):
-    """Values and gradients (of a weighted sum, so every token's gradient counts differently) of
-    token_logps equal those of the old full-logits computation, on either padding side, whether the
-    backward keeps the softmax or recomputes it in chunks, and through the fallback for output layers
-    that are not plain."""
+def test_token_logps_dispatches_to_the_fast_path_only_where_the_output_layer_is_plain(tiny, monkeypatch):
     model, tokenizer = tiny
-    batch = (right_batch if side == "right" else left_batch)(seqs_with_labels(tokenizer), tokenizer.pad_token_id)
+    batch = right_batch(seqs_with_labels(tokenizer), tokenizer.pad_token_id)
+    assert common.FAST_LOGPS and common.output_head_is_plain(model)
+    calls = []
+    fast = common.fast_token_logps
+    monkeypatch.setattr(common, "fast_token_logps", lambda *args: calls.append(1) or fast(*args))
+    with torch.no_grad():
+        common.token_logps(model, batch)
+        assert calls == [1]
+        plain_token_logps(monkeypatch, model, batch)
+        assert calls == [1]  # FAST_LOGPS off: the plain path
+        for key in ("final_logit_softcapping", "logit_scale"):  # logits the model scales or caps: never the fast path
+            with monkeypatch.context() as m:
+                m.setattr(model.config, key, 30.0, raising=False)
+                assert not common.output_head_is_plain(model)
+                common.token_logps(model, batch)
+        assert calls == [1]
+    assert common.output_head_is_plain(model)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("path", ["keep logits", "recompute, 2-row chunks", "recompute, 1 chunk"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fast_token_logps_equal_the_plain_computation(tiny, monkeypatch, side, path, temperature):
+    """Values and gradients (of a weighted sum, so every token's gradient counts differently) of
+    fast_token_logps equal those of the plain token_logps (full logits, log_softmax, gather), on either
+    padding side, whether the backward keeps exp(logits) or recomputes it (in chunks of 2 rows, or one)."""
+    model, tokenizer = tiny
+    seqs = seqs_with_labels(tokenizer)
+    batch = (right_batch if side == "right" else left_batch)(seqs, tokenizer.pad_token_id)
+    n_labelled = sum(s["n_expected"] for s in seqs)
     weights = torch.rand(batch["labels"].shape[0], batch["labels"].shape[1] - 1, generator=torch.Generator().manual_seed(0))
-    expected = full_logits_token_logps(model, batch, temperature)
+    head_calls = count_head_calls(model)
+    expected, expected_mask = plain_token_logps(monkeypatch, model, batch, temperature)
+    assert head_calls == [batch["input_ids"].numel()]  # the plain path: logits at every position
     expected_grads = grads_of(model, (expected * weights).sum())
+
     if path.startswith("recompute"):
         monkeypatch.setattr(common, "KEEP_LOGITS_BYTES", 0)
-        monkeypatch.setattr(common, "CHUNK_BYTES", 2 * 4 * model.config.vocab_size)  # two rows of logits at a time
-    if path == "model's own logits":
-        monkeypatch.setattr(common, "output_head_is_plain", lambda model: False)
-    got, mask = common.token_logps(model, batch, temperature)
-    assert got.dtype == torch.float32 and int(mask.sum()) == sum(s["n_expected"] for s in seqs_with_labels(tokenizer))
+        rows = 2 if path.endswith("2-row chunks") else n_labelled
+        monkeypatch.setattr(common, "CHUNK_BYTES", rows * 4 * model.config.vocab_size)
+    logits_calls, original = [], common._logits
+    monkeypatch.setattr(common, "_logits", lambda hidden, *args: logits_calls.append(hidden.shape[0]) or original(hidden, *args))
+    got, mask = common.fast_token_logps(model, batch, temperature)
+    forward_calls = list(logits_calls)
+    assert head_calls == [batch["input_ids"].numel()]  # the fast path never ran the layer on the batch
+    assert sum(forward_calls) == n_labelled  # only labelled positions reached it
+    assert len(forward_calls) == {"keep logits": 1, "recompute, 1 chunk": 1}.get(path, math.ceil(n_labelled / 2))
+    assert got.dtype == torch.float32 and torch.equal(mask, expected_mask) and int(mask.sum()) == n_labelled
+    assert (got[~mask] == 0).all()
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-6)
     got_grads = grads_of(model, (got * weights).sum())
+    # the backward recomputed the logits (chunk by chunk) only when it did not keep them
+    assert logits_calls[len(forward_calls):] == ([] if path == "keep logits" else forward_calls)
     assert got_grads.keys() == expected_grads.keys()
     for name in got_grads:
         torch.testing.assert_close(got_grads[name], expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
@@ -188,15 +249,18 @@ def test_linear_log_probs_gradcheck_with_bias_and_chunks(monkeypatch):
     torch.testing.assert_close(common.LinearLogProbs.apply(hidden, weight, bias, targets, 0.8).double(), want)
 
 
-def test_token_logps_under_bf16_autocast_are_float32_and_close(tiny):
+def test_token_logps_under_bf16_autocast_are_float32_and_close(tiny, monkeypatch):
     """bf16 matmuls, float32 softmax, as the model's own bf16 output layer then log_softmax would give."""
     model, tokenizer = tiny
     batch = right_batch(seqs_with_labels(tokenizer), tokenizer.pad_token_id)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        got, _ = common.token_logps(model, batch)
-        expected = full_logits_token_logps(model, batch)
-    assert got.dtype == torch.float32
+        got, _ = common.fast_token_logps(model, batch)
+        expected, _ = plain_token_logps(monkeypatch, model, batch)
+    with torch.no_grad():
+        full_precision, _ = plain_token_logps(monkeypatch, model, batch)
+    assert got.dtype == torch.float32 and expected.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=0, atol=0.05)
+    assert not torch.equal(got, full_precision)  # autocast did reach the fast path's matmuls
 
 
 def test_padding_does_not_change_sequence_logps(tiny):
@@ -292,16 +356,16 @@ def test_dpo_sgd_step_raises_chosen_and_lowers_rejected_logratio(tiny):
                    "bob sold lamp and alice found car", "the weather was calm")]
     batch = common.collate_pairs(pairs, tokenizer.pad_token_id)
     with torch.no_grad():
-        ref_c, ref_r = common.concatenated_logps(reference, batch)
+        ref_c, ref_r, _ = common.concatenated_logps(reference, batch)
     optimizer = torch.optim.SGD(policy.parameters(), lr=0.5)
     policy.train()
-    pol_c, pol_r = common.concatenated_logps(policy, batch)
+    pol_c, pol_r, _ = common.concatenated_logps(policy, batch)
     losses, _, _ = common.dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=0.1)
     assert losses.tolist() == pytest.approx([math.log(2)] * 2, abs=1e-5)  # policy == reference
     losses.mean().backward()
     optimizer.step()
     with torch.no_grad():
-        new_c, new_r = common.concatenated_logps(policy, batch)
+        new_c, new_r, _ = common.concatenated_logps(policy, batch)
         new_losses, rewards_c, rewards_r = common.dpo_loss(new_c, new_r, ref_c, ref_r, beta=0.1)
     assert ((new_c - ref_c) > 0).all(), (new_c - ref_c)
     assert ((new_r - ref_r) < 0).all(), (new_r - ref_r)
@@ -312,14 +376,16 @@ def test_dpo_sgd_step_raises_chosen_and_lowers_rejected_logratio(tiny):
 def test_concatenated_logps_splits_chosen_and_rejected(tiny):
     model, tokenizer = tiny
     pairs = [_pair(tokenizer, "summarize : alice found the car in the park . :", "alice found car", "the weather"),
-             _pair(tokenizer, "summarize : bob sold the lamp in the market . :", "bob sold lamp", "nothing else happened .")]
+             _pair(tokenizer, "summarize : bob sold the lamp in the market . :", "bob sold lamp and", "nothing else happened .")]
     with torch.no_grad():
-        chosen, rejected = common.concatenated_logps(model, common.collate_pairs(pairs, tokenizer.pad_token_id))
+        chosen, rejected, chosen_tokens = common.concatenated_logps(model, common.collate_pairs(pairs, tokenizer.pad_token_id))
         for i, p in enumerate(pairs):
             for key, got in (("chosen", chosen[i]), ("rejected", rejected[i])):
                 single = right_batch([p[key]], tokenizer.pad_token_id)
                 want = brute_sequence_logps(model(input_ids=single["input_ids"]).logits, single["labels"])[0][0]
                 assert abs(float(got) - want) < 1e-5
+    # |y_w| in tokens, EOS included: "alice found car <eos>" and "bob sold lamp and <eos>"
+    assert chosen_tokens.tolist() == [4, 5]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -461,18 +527,16 @@ def test_ppo_value_loss_by_hand():
 
 
 # ------------------------------------------------------------------------------------------------
-# 9. KL estimate and per-token PPO rewards
+# 9. per-token PPO rewards
 # ------------------------------------------------------------------------------------------------
 
 
-def test_kl_estimate_and_ppo_rewards_by_hand():
+def test_ppo_rewards_by_hand():
     logps = t(-1.0, -2.0, -0.5, -9.0, -1.5, -3.0, -3.0, -3.0).view(2, 4)
     ref = t(-1.5, -1.0, -0.5, -1.0, -1.0, -7.0, -7.0, -7.0).view(2, 4)
     mask = t(1, 1, 1, 0, 1, 0, 0, 0).view(2, 4)
     scores = t(2.0, -1.0)
-    kl = common.kl_estimate(logps, ref)
-    assert kl[0].tolist() == pytest.approx([0.5, -1.0, 0.0, -8.0], abs=1e-6)
-    assert kl[1].tolist() == pytest.approx([-0.5, 4.0, 4.0, 4.0], abs=1e-6)
+    # the k1 KL estimate log pi - log ref per token: row 0: 0.5, -1.0, 0.0, (pad); row 1: -0.5, (pad) ...
     coef = 0.1
     rewards = common.ppo_rewards(scores, logps, ref, mask, coef)
     expected = [
@@ -525,10 +589,17 @@ def _max_diff(a, b):
 
 
 def _plain_sgd(monkeypatch):
-    """Compare updates with plain SGD. AdamW's first step is lr * g / |g| elementwise, which turns
-    float32 summation-order noise in near-zero gradient entries into lr-sized weight differences
-    (seen: 1.4e-6 on another machine's torch); with SGD the update is proportional to the gradient."""
-    monkeypatch.setattr(common.torch.optim, "AdamW", lambda params, lr, weight_decay=0.0, **_: torch.optim.SGD(params, lr=lr))
+    """Compare updates with plain SGD (each stage's optimizer, C.adamw, returns SGD; its schedule still
+    applies). AdamW's first step is lr * g / |g| elementwise, which turns float32 summation-order noise in
+    near-zero gradient entries into lr-sized weight differences (seen: 1.4e-6 on another machine's
+    torch); with SGD the update is proportional to the gradient."""
+    monkeypatch.setattr(common, "adamw", lambda params, cfg, lr: torch.optim.SGD(params, lr=lr))
+
+
+def _sgd(model, lr):
+    """An (optimizer, schedule) pair for ppo_step: plain SGD at a constant rate."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
 def _capture_grads(monkeypatch):
@@ -793,7 +864,6 @@ def test_builtin_task_words_are_in_tiny_vocabulary():
 def test_ppo_micro_batches_give_the_update_of_one_forward(tiny_dir, monkeypatch):
     """A PPO minibatch of 6 rollouts as one forward, or as micro-batches of 4 and 2 sequences whose losses
     are weighted by their share of the minibatch's tokens: the same stats and (plain SGD) the same weights."""
-    _plain_sgd(monkeypatch)
     rows = common.builtin_task(seed=6, n_sft=1, n_pref=12, n_test=1)["pref"]
     results = []
     for micro in (6, 4):
@@ -804,9 +874,9 @@ def test_ppo_micro_batches_give_the_update_of_one_forward(tiny_dir, monkeypatch)
         cfg = dataclasses.replace(common.TrainConfig(), ppo_minibatches=2, ppo_epochs=1, ppo_micro_batch_size=micro,
                                   max_new_tokens=6, eval_batch_size=12)
         prompts = [common.encode_prompt(tokenizer, r["prompt"]) for r in rows]
-        optimizers = [torch.optim.SGD(m.parameters(), lr=1e-2) for m in (policy, value_model)]
+        optimizers = [_sgd(m, 1e-2) for m in (policy, value_model)]
         torch.manual_seed(0)  # the same samples and minibatch order in both runs
-        stats = common.ppo_step(policy, common.frozen_copy(policy), reward_model, value_model, prompts, *optimizers, cfg,
+        stats = common.ppo_step(policy, common.frozen_copy(policy), reward_model, value_model, prompts, optimizers, cfg,
                                 device=CPU, dtype=torch.float32)
         results.append((stats, _params(policy), _params(value_model)))
     (stats_one, policy_one, value_one), (stats_micro, policy_micro, value_micro) = results
@@ -853,22 +923,23 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("keep", [True, False])
-def test_token_logps_on_cuda_in_bf16_match_the_full_logits(tiny_dir, monkeypatch, keep):
-    """On the GPU, under bf16 autocast: the same values and gradients as the model's own bf16 output
-    layer followed by a float32 log_softmax, to bf16 rounding."""
+def test_fast_token_logps_on_cuda_in_bf16_match_the_plain_computation(tiny_dir, monkeypatch, keep):
+    """On the GPU, under bf16 autocast: fast_token_logps gives the values and gradients of the plain path
+    (the model's own bf16 output layer, then a float32 log_softmax), to bf16 rounding."""
     model, tokenizer = common.load_model_and_tokenizer(str(tiny_dir))
     model.cuda()
     batch = {k: v.cuda() for k, v in right_batch(seqs_with_labels(tokenizer), tokenizer.pad_token_id).items()}
     if not keep:
         monkeypatch.setattr(common, "KEEP_LOGITS_BYTES", 0)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        expected = full_logits_token_logps(model, batch)
+        expected, _ = plain_token_logps(monkeypatch, model, batch)
     expected_grads = grads_of(model, expected.sum())
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        got, _ = common.token_logps(model, batch)
+        got, _ = common.fast_token_logps(model, batch)
     got_grads = grads_of(model, got.sum())
-    assert got.dtype == torch.float32
+    assert got.dtype == torch.float32 and got.is_cuda
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-2)
+    assert got_grads.keys() == expected_grads.keys()
     for name in got_grads:
         assert ((got_grads[name] - expected_grads[name]).norm() / expected_grads[name].norm()).item() < 2e-2, name
 
@@ -892,7 +963,6 @@ def test_critic_free_ppo_step_is_the_whitened_reward_policy_gradient(tiny_dir, m
     """One critic-free update (one minibatch, one epoch, plain SGD, no clipping) on fixed responses equals
     the step along -grad masked_mean(-A * pi / pi_old), A = whitened critic_free_rewards, computed here
     by hand; there is no value model and no value loss."""
-    _plain_sgd(monkeypatch)
     policy, tokenizer = common.load_model_and_tokenizer(str(tiny_dir))
     torch.manual_seed(1)
     reward_model = common.load_reward_model(str(tiny_dir), tokenizer, new_head=True).requires_grad_(False)
@@ -916,18 +986,258 @@ def test_critic_free_ppo_step_is_the_whitened_reward_policy_gradient(tiny_dir, m
     common.masked_mean(-advantages * torch.exp(logps - logps.detach()), mask).backward()
     expected = {n: (p - lr * p.grad).detach() for n, p in by_hand.named_parameters()}
 
-    stats = common.ppo_step(policy, reference, reward_model, None, prompts, torch.optim.SGD(policy.parameters(), lr=lr), None,
-                            cfg, device=CPU, dtype=torch.float32)
+    stats = common.ppo_step(policy, reference, reward_model, None, prompts, [_sgd(policy, lr)], cfg, device=CPU,
+                            dtype=torch.float32)
     assert "loss/value" not in stats and stats["score"] == pytest.approx(scores.mean().item(), rel=1e-6)
     got = _params(policy)
     assert _max_diff(got, expected) < 1e-6 and _max_diff(got, _params(by_hand)) > 1e-4
 
 
-def test_warmup_is_never_longer_than_half_the_stage(tiny_dir):
-    """--warmup_steps 10 in a 4-step stage: 2 steps of warm-up (lr/2, lr), then the full rate."""
-    assert [common.warmup_length(10, n) for n in (0, 1, 4, 13, 20, 100)] == [0, 0, 2, 6, 10, 10]
+# ============================================================================================
+# Learning-rate schedules and the stage optimizer (issue 20)
+# ============================================================================================
+
+
+def test_lr_factor_by_hand():
+    """(step + 1) / warmup in the warm-up, then 1, or a linear or cosine decay over the remaining steps:
+    progress p = (step - warmup) / (total - warmup), linear 1 - p, cosine (1 + cos(pi p)) / 2."""
+    f = common.lr_factor
+    # constant: no warm-up; warm-up 4 of 10: 1/4 at the first step, 4/4 at the last warm-up step
+    assert [f(s, 10, 0, "constant") for s in (0, 5, 9)] == [1.0, 1.0, 1.0]
+    assert [f(s, 10, 4, "constant") for s in (0, 1, 3, 4, 9)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    # linear, total 10, no warm-up: p = s / 10
+    assert f(0, 10, 0, "linear") == 1.0  # the first step at the peak
+    assert f(5, 10, 0, "linear") == pytest.approx(0.5, abs=1e-12)  # p = 5/10
+    assert f(9, 10, 0, "linear") == pytest.approx(0.1, abs=1e-12)  # the last step: p = 9/10
+    # linear, total 10, warm-up 2: 1/2, 2/2, then p = (s - 2) / 8
+    assert f(0, 10, 2, "linear") == 0.5 and f(1, 10, 2, "linear") == 1.0
+    assert f(2, 10, 2, "linear") == 1.0  # decay starts at the peak
+    assert f(6, 10, 2, "linear") == pytest.approx(0.5, abs=1e-12)  # p = 4/8
+    assert f(9, 10, 2, "linear") == pytest.approx(0.125, abs=1e-12)  # p = 7/8
+    # cosine, total 10, no warm-up
+    assert f(0, 10, 0, "cosine") == 1.0
+    assert f(5, 10, 0, "cosine") == pytest.approx(0.5, abs=1e-12)  # (1 + cos(pi/2)) / 2
+    assert f(9, 10, 0, "cosine") == pytest.approx(0.0244717418524, abs=1e-12)  # (1 - cos(pi/10)) / 2 = (1 - 0.951056516295) / 2
+    # cosine, total 10, warm-up 2
+    assert f(0, 10, 2, "cosine") == 0.5 and f(1, 10, 2, "cosine") == 1.0 and f(2, 10, 2, "cosine") == 1.0
+    # p = 2/8: (1 + cos(pi/4)) / 2 = (1 + 0.707106781187) / 2
+    assert f(4, 10, 2, "cosine") == pytest.approx(0.853553390593, abs=1e-12)
+    assert f(6, 10, 2, "cosine") == pytest.approx(0.5, abs=1e-12)  # p = 4/8: (1 + cos(pi/2)) / 2
+    # p = 7/8: (1 + cos(7 pi/8)) / 2 = (1 - cos(pi/8)) / 2 = (1 - 0.923879532511) / 2
+    assert f(9, 10, 2, "cosine") == pytest.approx(0.0380602337443, abs=1e-12)
+    # a one-step stage: no warm-up, the step at the peak, whatever the decay
+    assert [f(0, 1, 0, kind) for kind in ("constant", "linear", "cosine")] == [1.0, 1.0, 1.0]
+
+
+def _stage_lrs(cfg, total, lr=1e-3):
+    """The learning rate of each step of a `total`-step stage from C.stage_optimizer, every param group."""
+    params = [torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2))]  # one group with decay, one without
+    optimizer, schedule = common.stage_optimizer(params, cfg, lr, total)
+    lrs = []
+    for _ in range(total):
+        group_lrs = {g["lr"] for g in optimizer.param_groups}
+        assert len(group_lrs) == 1  # every group follows the schedule
+        lrs.append(group_lrs.pop() / lr)
+        optimizer.step(), schedule.step()
+    return lrs
+
+
+def test_stage_warmup_is_never_longer_than_half_the_stage():
+    """--warmup_steps 10: a 1-step stage has none, a 4-step stage 2 (1/2, 1), a 13-step one 6, longer ones 10."""
+    cfg = _cfg(warmup_steps=10, lr_scheduler_type="constant")
+    for total, warmup in ((1, 0), (4, 2), (13, 6), (20, 10), (100, 10)):
+        ramp = [(i + 1) / warmup for i in range(warmup)]  # a linear warm-up of `warmup` steps, by hand
+        assert _stage_lrs(cfg, total) == pytest.approx(ramp + [1.0] * (total - warmup), abs=1e-12), total
+    assert _stage_lrs(cfg, 4) == pytest.approx([0.5, 1.0, 1.0, 1.0])
+    # --warmup_ratio replaces --warmup_steps: ceil(0.25 * 8) = 2, ceil(0.3 * 8) = 3; and is capped too
+    assert _stage_lrs(_cfg(warmup_steps=5, warmup_ratio=0.25), 8) == pytest.approx([0.5] + [1.0] * 7)
+    assert _stage_lrs(_cfg(warmup_steps=5, warmup_ratio=0.3), 8) == pytest.approx([1 / 3, 2 / 3] + [1.0] * 6)
+    assert _stage_lrs(_cfg(warmup_steps=0, warmup_ratio=1.0), 6) == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0, 1.0, 1.0])
+    assert _stage_lrs(_cfg(warmup_steps=0), 3) == pytest.approx([1.0, 1.0, 1.0])
+
+
+COSINE_8_WARMUP_2 = [0.5, 1.0, 1.0,  # warm-up 1/2, 2/2; then p = (s - 2) / 6 and (1 + cos(pi p)) / 2:
+                     0.933012701892,  # p = 1/6: (1 + 0.866025403784) / 2
+                     0.75, 0.5, 0.25,  # p = 2/6, 3/6, 4/6: (1 + 0.5) / 2, (1 + 0) / 2, (1 - 0.5) / 2
+                     0.0669872981078]  # p = 5/6: (1 - 0.866025403784) / 2
+LINEAR_8_WARMUP_2 = [0.5, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6]  # 1 - p, p = (s - 2) / 6
+
+
+@pytest.mark.parametrize("overrides,factors", [
+    (dict(lr_scheduler_type="cosine", warmup_steps=2), COSINE_8_WARMUP_2),
+    (dict(lr_scheduler_type="linear", warmup_steps=2), LINEAR_8_WARMUP_2),
+    (dict(lr_scheduler_type="linear", warmup_steps=7, warmup_ratio=0.25), LINEAR_8_WARMUP_2),  # ceil(0.25 * 8) = 2 steps
+    (dict(lr_scheduler_type="constant", warmup_steps=100), [1 / 4, 2 / 4, 3 / 4, 1.0, 1.0, 1.0, 1.0, 1.0]),  # capped: 8 // 2
+], ids=["cosine", "linear", "warmup_ratio", "warmup capped"])
+def test_train_sft_logs_the_scheduled_lr_at_every_step(tiny_dir, overrides, factors):
+    """An 8-step SFT stage (16 rows, batches of 2): the logged lr of step k (the one it trained with) is the
+    peak times the factor worked out by hand."""
     model, tokenizer = common.load_model_and_tokenizer(str(tiny_dir))
     log = []
-    cfg = _cfg(batch_size=4, warmup_steps=10, sft_lr=1e-3)
+    cfg = _cfg(batch_size=2, sft_lr=1e-3, **overrides)
     common.train_sft(model, _sft_examples(tokenizer, n=16), cfg, device=CPU, dtype=torch.float32, seed=0, log=log.append)
-    assert [r["lr"] for r in log] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])
+    assert [r["step"] for r in log] == list(range(1, 9))
+    assert [r["lr"] for r in log] == pytest.approx([1e-3 * f for f in factors], rel=1e-9, abs=0)
+
+
+def test_warmup_capped_at_half_of_a_six_step_stage(tiny_dir):
+    """--warmup_steps 100 on a 6-step stage: 3 warm-up steps (1/3, 2/3, 1), then the peak."""
+    model, tokenizer = common.load_model_and_tokenizer(str(tiny_dir))
+    log = []
+    cfg = _cfg(batch_size=2, sft_lr=1e-3, warmup_steps=100)
+    common.train_sft(model, _sft_examples(tokenizer, n=12), cfg, device=CPU, dtype=torch.float32, seed=0, log=log.append)
+    assert [r["lr"] for r in log] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3, 1e-3], rel=1e-9, abs=0)
+
+
+def test_adamw_decays_matrices_only_with_the_configured_betas():
+    """Weight decay on tensors of 2 or more dimensions only (not biases and norms); betas from the cfg; a
+    step with zero gradients moves exactly the decayed tensors, by lr * weight_decay * theta."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    model.register_parameter("kernel", torch.nn.Parameter(torch.ones(2, 2, 2)))  # 3-D: decayed too
+    decayed = {"0.weight", "kernel"}  # by hand: the (4, 3) matrix and the 3-D tensor
+    named = dict(model.named_parameters())
+    cfg = _cfg(weight_decay=0.1, adam_beta1=0.8, adam_beta2=0.95)
+    optimizer = common.adamw(list(named.values()), cfg, 0.5)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    names_of = {id(p): n for n, p in named.items()}
+    groups = {g["weight_decay"]: {names_of[id(p)] for p in g["params"]} for g in optimizer.param_groups}
+    assert groups == {0.1: decayed, 0.0: {"0.bias", "1.weight", "1.bias"}}
+    assert all(g["betas"] == (0.8, 0.95) and g["lr"] == 0.5 for g in optimizer.param_groups)
+
+    before = {n: p.detach().clone() for n, p in named.items()}
+    for p in named.values():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # Adam's update is 0 for a zero gradient: only the decay acts, theta (1 - lr wd)
+    for n, p in named.items():
+        want = before[n] * (1 - 0.5 * 0.1) if n in decayed else before[n]
+        torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=0, msg=n)
+    # no decay configured: one group per kind, both at 0
+    assert {g["weight_decay"] for g in common.adamw(list(named.values()), _cfg(weight_decay=0.0), 0.5).param_groups} == {0.0}
+
+
+# ============================================================================================
+# The joint objective: DPO + a * SFT (RPO) and PPO-ptx (issue 17)
+# ============================================================================================
+
+
+def test_joint_loss_by_hand():
+    losses, chosen_logps, chosen_tokens = t(0.5, 1.0), t(-6.0, -2.0).requires_grad_(True), t(3.0, 4.0)
+    # 0.5 + 0.5 * 6/3 = 1.5 ; 1.0 + 0.5 * 2/4 = 1.25
+    got = common.joint_loss(losses, chosen_logps, chosen_tokens, 0.5)
+    assert got.tolist() == pytest.approx([1.5, 1.25], abs=1e-7)
+    got.sum().backward()
+    assert chosen_logps.grad.tolist() == pytest.approx([-0.5 / 3, -0.5 / 4], abs=1e-7)  # -a / |y_w|
+    assert common.joint_loss(losses, chosen_logps, chosen_tokens, 0.0).tolist() == [0.5, 1.0]
+    # a is per token: a response twice as long with twice the log-prob adds the same
+    assert common.joint_loss(t(0.0), t(-8.0), t(4.0), 2.0).item() == pytest.approx(4.0)
+    assert common.joint_loss(t(0.0), t(-16.0), t(8.0), 2.0).item() == pytest.approx(4.0)
+
+
+def brute_logps(model, sequence):
+    """log pi(y | x) of one unpadded sequence and its response token count, log-softmax of the model's own
+    logits read position by position (a loop, no batching)."""
+    logp = model(input_ids=torch.tensor([sequence["input_ids"]])).logits[0].float().log_softmax(-1)
+    terms = [logp[t - 1, y] for t, y in enumerate(sequence["labels"]) if t > 0 and y != IGNORE_INDEX]
+    return sum(terms), len(terms)
+
+
+def test_dpo_step_with_sft_coef_is_the_hand_built_joint_step(tiny_dir, monkeypatch):
+    """One train_dpo step (4 pairs, 2 micro-batches, plain SGD, no clipping) with --sft_coef a: the update is
+    -lr grad of mean_i [-log sigmoid(beta h_i) - a log pi(y_w,i | x_i) / |y_w,i|], built here pair by pair."""
+    _plain_sgd(monkeypatch)
+    a, beta, lr = 0.7, 0.1, 0.5
+    policy, tokenizer = common.load_model_and_tokenizer(str(tiny_dir))
+    pool = _pref_examples(tokenizer)  # 4 pairs, one per chosen length first: the per-token mean matters
+    firsts = list({common.response_tokens(e["chosen"]): i for i, e in reversed(list(enumerate(pool)))}.values())
+    examples = [pool[i] for i in (firsts + [i for i in range(len(pool)) if i not in firsts])[:4]]
+    assert len({common.response_tokens(e["chosen"]) for e in examples}) >= 2
+    by_hand, reference = copy.deepcopy(policy), copy.deepcopy(policy).requires_grad_(False)
+
+    dpo_terms, nll_terms = [], []
+    for e in examples:
+        with torch.no_grad():
+            ref_c, _ = brute_logps(reference, e["chosen"])
+            ref_r, _ = brute_logps(reference, e["rejected"])
+        pol_c, n_c = brute_logps(by_hand, e["chosen"])
+        pol_r, _ = brute_logps(by_hand, e["rejected"])
+        dpo_terms.append(-torch.nn.functional.logsigmoid(beta * ((pol_c - ref_c) - (pol_r - ref_r))))
+        nll_terms.append(-pol_c / n_c)
+    params = dict(by_hand.named_parameters())
+    dpo_grads = dict(zip(params, torch.autograd.grad(sum(dpo_terms) / len(examples), list(params.values()), retain_graph=True)))
+    nll_grads = dict(zip(params, torch.autograd.grad(sum(nll_terms) / len(examples), list(params.values()))))
+    start = _params(policy)
+    expected = {n: start[n] - lr * (dpo_grads[n] + a * nll_grads[n]) for n in start}
+    plain_dpo = {n: start[n] - lr * dpo_grads[n] for n in start}
+
+    log = []
+    cfg = _cfg(batch_size=4, grad_accum_steps=2, pref_lr=lr, beta=beta, max_grad_norm=1e9, sft_coef=a)
+    common.train_dpo(policy, examples, cfg, device=CPU, dtype=torch.float32, seed=0, log=log.append)
+    got = _params(policy)
+    assert len(log) == 1 and log[0]["lr"] == lr
+    assert _max_diff(got, expected) < 1e-6
+    assert _max_diff(got, plain_dpo) > 1e-3  # the SFT term moved the weights far more than the tolerance
+    assert log[0]["loss/dpo"] == pytest.approx(math.log(2), abs=1e-6)  # the DPO loss alone (policy == reference)
+    assert log[0]["nll/chosen"] == pytest.approx(sum(x.item() for x in nll_terms) / len(examples), rel=1e-6)
+
+
+def test_dpo_with_sft_coef_zero_is_plain_dpo_bit_for_bit(tiny_dir, monkeypatch):
+    """--sft_coef 0 (the default, or given) is plain DPO: the same weights bit for bit and no nll/chosen
+    in the log; the joint term taken with a zero coefficient changes nothing either; any a > 0 does."""
+    def run(overrides, joint_with_zero=False):
+        policy, tokenizer = common.load_model_and_tokenizer(str(tiny_dir))
+        log = []
+        with monkeypatch.context() as m:
+            if joint_with_zero:  # take the joint branch (a truthy sft_coef), with a = 0 in the loss itself
+                original = common.joint_loss
+                m.setattr(common, "joint_loss", lambda losses, chosen, tokens, coef: original(losses, chosen, tokens, 0.0))
+            common.train_dpo(policy, _pref_examples(tokenizer), _cfg(grad_accum_steps=2, **overrides), device=CPU,
+                             dtype=torch.float32, seed=0, log=log.append)
+        return _params(policy), log
+
+    default, default_log = run({})
+    assert common.TrainConfig().sft_coef == 0.0
+    for weights, log in (run({"sft_coef": 0.0}), run({"sft_coef": 1.0}, joint_with_zero=True)):
+        assert all(torch.equal(default[n], weights[n]) for n in default)
+        assert [r["loss/dpo"] for r in log] == [r["loss/dpo"] for r in default_log]
+    assert all("nll/chosen" not in r for r in default_log) and len(default_log) == 2
+    joint, joint_log = run({"sft_coef": 0.05})
+    assert all("nll/chosen" in r for r in joint_log)
+    assert _max_diff(joint, default) > 1e-5
+
+
+def test_ppo_step_with_sft_batches_adds_sft_coef_times_the_sft_gradient(tiny_dir, monkeypatch):
+    """PPO-ptx: with the clipped policy loss made zero (0 * logps, so only the SFT term moves the policy),
+    one update with plain SGD is -lr a grad of the SFT token-mean NLL on the next SFT batch, which is
+    computed here sequence by sequence; without SFT batches the same update leaves the policy where it was."""
+    a, lr = 0.5, 0.2
+    policy, tokenizer = common.load_model_and_tokenizer(str(tiny_dir))
+    torch.manual_seed(1)
+    reward_model = common.load_reward_model(str(tiny_dir), tokenizer, new_head=True).requires_grad_(False)
+    rows = common.builtin_task(seed=6, n_sft=1, n_pref=3, n_test=1)["pref"]
+    prompts = [common.encode_prompt(tokenizer, r["prompt"]) for r in rows]
+    eos = tokenizer.eos_token_id
+    monkeypatch.setattr(common, "generate", lambda *args, **kwargs: [[5, 6, eos], [8, eos], [9, 10, 11, 12]])
+    monkeypatch.setattr(common, "ppo_policy_loss",
+                        lambda logps, old_logps, advantages, mask, clip=0.2: (0 * logps.sum(), torch.zeros(())))
+    cfg = _cfg(ppo_minibatches=1, ppo_epochs=1, ppo_micro_batch_size=2, grad_accum_steps=2, max_grad_norm=1e9, sft_coef=a)
+    sft = _sft_examples(tokenizer, n=16)[:5]  # 5 examples of different lengths: micro-batches of 3 and 2 (grad_accum 2)
+    start = _params(policy)
+
+    by_hand = copy.deepcopy(policy)
+    per_example = [brute_logps(by_hand, e) for e in sft]
+    nll = -sum(s for s, _ in per_example) / sum(n for _, n in per_example)  # the token mean over the whole batch
+    grads = grads_of(by_hand, nll)
+    expected = {n: start[n] - lr * a * grads[n] for n in start}
+
+    stats = common.ppo_step(policy, common.frozen_copy(policy), reward_model, None, prompts, [_sgd(policy, lr)], cfg,
+                            device=CPU, dtype=torch.float32, sft_batches=iter([sft]))  # one batch: a second next() would fail
+    got = _params(policy)
+    assert _max_diff(got, expected) < 1e-6
+    assert _max_diff(got, start) > 1e-3
+    assert stats["loss/sft"] == pytest.approx(nll.item(), rel=1e-6)  # logged without the coefficient
+
+    policy, _ = common.load_model_and_tokenizer(str(tiny_dir))
+    stats = common.ppo_step(policy, common.frozen_copy(policy), reward_model, None, prompts, [_sgd(policy, lr)], cfg,
+                            device=CPU, dtype=torch.float32)
+    assert "loss/sft" not in stats
+    assert _max_diff(_params(policy), start) == 0.0  # the zeroed policy loss alone moves nothing

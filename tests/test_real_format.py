@@ -72,7 +72,14 @@ def test_smoke_chat_data_gpt2_bpe_ppo_then_dpo_judged_by_its_reward_model(real_l
     dpo = json.loads((dpo_out / "results.json").read_text())
     assert dpo["reward_metric"] == "--reward_model score"
     assert "win_rate" in dpo["sft+dpo"]
-    assert "40 SFT rows, 24 preference pairs, 8 test prompts" in proc.stdout  # the last 8 rows held out
+    # 48 SFT rows in the file, the last 8 held out for evaluation; all 24 pairs used; nothing cut at --max_length 128
+    sft, pref = real_like / "sft.jsonl", real_like / "pref.jsonl"
+    assert f"SFT data: {sft}, split (the whole file): 40 of 40 rows used\n" in proc.stdout  # (the last 8 are held out: test)
+    assert f"preference data: {pref}, split (the whole file): 24 of 24 rows used\n" in proc.stdout
+    assert f"test data: {sft} (its last 8 rows), split (the whole file): 8 of 8 rows used\n" in proc.stdout
+    report = dpo["data"]  # results.json holds the same report
+    assert [(report[k]["rows_read"], report[k]["rows_used"]) for k in ("sft", "pref", "test")] == [(40, 40), (24, 24), (8, 8)]
+    assert (report["sft"]["source"], report["pref"]["source"]) == (str(sft), str(pref))
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(dpo_out / "final")

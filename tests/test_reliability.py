@@ -1,0 +1,291 @@
+"""Runs that survive faults and attacks: checkpoints that load no pickles and notice tampering, one run per
+folder (a lock), --overwrite that keeps the earlier run until the new one has finished, writes that never
+follow a symbolic link, SIGTERM as SIGINT, and one clear message for a full disk, a damaged file or a
+model that cannot take the data. Each case runs the real command line in a subprocess (exit status, the
+message, no traceback) unless it needs a hook inside the process."""
+import errno
+import fcntl
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import common as C
+from conftest import ROOT, script_env
+
+TINY = ["--n_sft", "16", "--n_pref", "16", "--eval_size", "4", "--sft_epochs", "1", "--batch_size", "8", "--max_new_tokens", "6",
+        "--eval_batch_size", "8"]
+
+
+def run(*args, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "two_stage_baseline.py"), *TINY, *map(str, args)], cwd=ROOT,
+                          env=script_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(proc, code: int = 2) -> str:
+    """A refused run: the exit status, a single 'error:' line, no traceback."""
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished two-stage run (DPO), and the bytes of every file it wrote."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    proc = run("--output_dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def copy_run(finished: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(finished, to)
+    return to
+
+
+class Payload:
+    """Unpickling this runs code: it creates the file it names."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+# ============================================================================================
+# Checkpoints: no pickles, and nothing resumed that changed
+# ============================================================================================
+
+
+def test_a_pickle_payload_planted_in_a_checkpoint_never_runs(finished, tmp_path):
+    out = copy_run(finished, tmp_path / "run")
+    marker = tmp_path / "payload_ran"
+    for name in ("rng.pt", "extra.pt", "optimizer.pt", "pytorch_model.bin"):  # what an older version (or an attacker) would load
+        torch.save({"x": Payload(marker)}, out / "checkpoint" / name)
+    (out / "results.json").unlink()
+    proc = run("--output_dir", out, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not marker.exists()
+    assert not list((out / "checkpoint").glob("*.pt")) or all(p.suffix in (".pt", ".bin") for p in (out / "checkpoint").glob("*.pt"))
+    assert {p.suffix for p in (out / "checkpoint").iterdir()} <= {".json", ".safetensors", ".jinja", ".pt", ".bin"}
+
+
+def test_a_model_folder_holding_only_pickles_is_refused_unloaded(tmp_path, tiny_dir):
+    model = tmp_path / "pickled"
+    model.mkdir()
+    for f in tiny_dir.iterdir():
+        if f.suffix != ".safetensors":
+            (model / f.name).write_bytes(f.read_bytes())
+    marker = tmp_path / "payload_ran"
+    with open(model / "pytorch_model.bin", "wb") as f:
+        pickle.dump(Payload(marker), f)
+    proc = run("--model", model, "--output_dir", tmp_path / "out")
+    assert "pickle" in one_line_error(proc) and str(model) in proc.stderr
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", ["weights replaced", "state truncated", "metrics deleted", "data changed"])
+def test_resume_refuses_a_checkpoint_whose_files_changed(finished, tmp_path, damage):
+    out = copy_run(finished, tmp_path / "run")
+    (out / "results.json").unlink()
+    args = []
+    if damage == "weights replaced":  # other finite values: a run would go on silently from the wrong weights
+        from safetensors.torch import load_file, save_file
+        weights = load_file(out / "checkpoint" / "model.safetensors")
+        save_file({k: v + 0.01 for k, v in weights.items()}, out / "checkpoint" / "model.safetensors", metadata={"format": "pt"})
+        expect = "model.safetensors is missing or changed"
+    elif damage == "state truncated":
+        text = (out / "checkpoint" / "state.json").read_text()
+        (out / "checkpoint" / "state.json").write_text(text[: len(text) // 2])
+        expect = "state.json is damaged"
+    elif damage == "metrics deleted":
+        (out / "metrics.jsonl").unlink()
+        expect = "metrics.jsonl no longer holds the"
+    else:  # the data file changed between the kill and --resume
+        task = C.builtin_task(seed=0, n_sft=16, n_pref=16, n_test=4)
+        sft, pref = tmp_path / "sft.jsonl", tmp_path / "pref.jsonl"
+        for path, rows in ((sft, task["sft"] + task["test"]), (pref, task["pref"])):
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        args = ["--sft_data", sft, "--pref_data", pref]
+        first = run("--output_dir", tmp_path / "data_run", *args)
+        assert first.returncode == 0, first.stderr[-3000:]
+        out = tmp_path / "data_run"
+        (out / "results.json").unlink()
+        sft.write_text(sft.read_text().replace("summary :", "summary : ", 1))
+        expect = f"{sft} changed since the checkpoint"
+    before = snapshot(out)
+    message = one_line_error(run("--output_dir", out, "--resume", *args))
+    assert expect in message, message
+    assert snapshot(out) == before  # nothing touched
+
+
+def test_resume_without_a_checkpoint_starts_from_the_beginning(tmp_path):
+    """A run killed before its first checkpoint leaves a partial metrics.jsonl; --resume starts over."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"stage": "sft", "step": 1}\n')
+    proc = run("--output_dir", out, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no checkpoint" in proc.stdout and "starting from the beginning" in proc.stdout
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+    assert (out / "results.json").exists()
+
+
+# ============================================================================================
+# One run per folder
+# ============================================================================================
+
+
+def test_a_folder_held_by_a_live_run_is_refused_naming_its_pid(finished, tmp_path):
+    out = copy_run(finished, tmp_path / "run")
+    with open(out / ".lock", "w") as lock:  # this test process plays the running run
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.write("424242")
+        lock.flush()
+        before = snapshot(out)
+        message = one_line_error(run("--output_dir", out, "--overwrite"))
+        assert "in use by another run (process 424242)" in message
+        assert snapshot(out) == before
+    # the holder is gone (its lock went with it): the folder can be taken over
+    proc = run("--output_dir", out, "--overwrite", "--seed", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["config"]["seed"] == 1
+
+
+def test_two_runs_started_together_into_one_folder_leave_one_whole_run(tmp_path):
+    out = tmp_path / "run"
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "two_stage_baseline.py"), *TINY, "--output_dir", str(out), "--seed", str(s),
+                               *(["--overwrite"] if s else [])], cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for s in (0, 1)]
+    outcomes = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in outcomes)
+    assert codes in ([0, 2], [0, 0]), outcomes  # [0, 0]: one ran after the other had finished (then --overwrite replaced it)
+    for code, stderr in outcomes:
+        if code == 2:
+            assert "Traceback" not in stderr and ("in use by another run" in stderr or "changed while this run was starting" in stderr
+                                                  or "holds another run's files" in stderr), stderr
+    results = json.loads((out / "results.json").read_text())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records].count("eval final") == 1  # one run's log, not two interleaved
+    assert not (tmp_path / "run.replaced").exists()
+    assert results["config"]["seed"] in (0, 1)
+
+
+# ============================================================================================
+# --overwrite keeps the earlier run until the new one has finished
+# ============================================================================================
+
+
+def test_overwrite_that_fails_puts_the_earlier_run_back(finished, tmp_path):
+    out = copy_run(finished, tmp_path / "run")
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    proc = run("--output_dir", out, "--overwrite", "--pref_lr", "1e30")  # passes every check, then the DPO loss blows up
+    assert proc.returncode == 1 and "error:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "back in place" in proc.stderr
+    assert snapshot(out) == before and not (tmp_path / "run.replaced").exists()
+
+
+def test_overwrite_that_finishes_deletes_the_earlier_run(finished, tmp_path):
+    out = copy_run(finished, tmp_path / "run")
+    (out / "notes.txt").write_text("mine")
+    proc = run("--output_dir", out, "--overwrite", "--seed", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (tmp_path / "run.replaced").exists() and (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "results.json").read_text())["config"]["seed"] == 2
+
+
+def test_an_input_that_would_fail_mid_training_is_refused_first(finished, tmp_path):
+    """A model with fewer positions than the data need (GPT-2 with 128 and --max_length 512, in small):
+    refused before the earlier run is moved or anything is written."""
+    model, tokenizer = C.load_model_and_tokenizer("tiny-random")
+    model.config.max_position_embeddings = 16  # the built-in task's rows are ~40 tokens
+    C.save_model(model, tokenizer, tmp_path / "short")
+    out = copy_run(finished, tmp_path / "run")
+    before = snapshot(out)
+    message = one_line_error(run("--output_dir", out, "--overwrite", "--model", tmp_path / "short"))
+    assert "takes at most 16 tokens" in message and "--max_length" in message
+    assert snapshot(out) == before
+
+
+def test_writes_never_follow_a_symbolic_link_out_of_the_folder(finished, tmp_path):
+    out = copy_run(finished, tmp_path / "run")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not yours")
+    (out / "metrics.jsonl").unlink()
+    (out / "metrics.jsonl").symlink_to(outside)
+    (out / "results.json").unlink()
+    for flag in ("--resume", "--overwrite"):
+        message = one_line_error(run("--output_dir", out, flag))
+        assert "metrics.jsonl is a symbolic link" in message
+        assert outside.read_text() == "not yours"
+    with pytest.raises(OSError) as info:
+        C.write_text(out / "metrics.jsonl", "x", os.O_APPEND)  # the writer itself refuses a link (O_NOFOLLOW)
+    assert info.value.errno == errno.ELOOP and outside.read_text() == "not yours"
+
+
+# ============================================================================================
+# Signals, full disks, damaged files: one message each
+# ============================================================================================
+
+
+def test_sigterm_stops_like_sigint_and_the_run_resumes(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "two_stage_baseline.py"), *TINY, "--output_dir", str(out)]
+    proc = subprocess.Popen(command, cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint" / "state.json").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")  # (a slow machine's timing, not a failure)
+    assert proc.returncode == 130 and "interrupted" in stderr and "--resume" in stderr and "Traceback" not in stderr, stderr
+    resumed = subprocess.run([*command, "--resume"], cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), RuntimeError("SafetensorError: No space left on device")])
+def test_a_full_disk_is_one_message_and_leaves_the_old_folder(tmp_path, failure):
+    path = tmp_path / "checkpoint"
+    C.write_folder(path, lambda tmp: (tmp / "state.json").write_text("old"))
+
+    def fill(tmp):
+        (tmp / "state.json").write_text("half")
+        raise failure
+
+    with pytest.raises(C.UserError, match="no space left on the device; free some, then --resume"):
+        C.write_folder(path, fill)
+    assert (path / "state.json").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+def test_a_truncated_model_file_is_one_message(tmp_path, tiny_dir):
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in tiny_dir.iterdir():
+        (model / f.name).write_bytes(f.read_bytes()[: 100] if f.suffix == ".safetensors" else f.read_bytes())
+    message = one_line_error(run("--model", model, "--output_dir", tmp_path / "out"))
+    assert f"--model {model}: could not load it" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_dir_with_a_tilde_after_an_equals_sign_is_expanded(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = C.parse_config(C.TrainConfig, ["--output_dir=~/runs/x", "--model", "tiny"])
+    assert cfg.output_dir == str(tmp_path / "runs" / "x")
