@@ -23,6 +23,7 @@ import re
 import shutil
 import signal
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -405,10 +406,10 @@ def optimizer_step(params: list, optimizer, max_grad_norm: float, where: str) ->
     return grad_norm
 
 def micro_steps(step_fn: Callable, batch: list, cfg) -> dict:
-    """step_fn(micro_batches, batch, scale) on this rank's share of `batch` in --grad_accum_steps micro-batches;
-    under FSDP a rank with fewer also runs zero-weighted fillers (lockstep)."""
+    """step_fn(micro_batches, batch, scale) on this rank's share of `batch` in --grad_accum_steps micro-batches; a rank with fewer
+    than the others also runs zero-weighted fillers (lockstep), so that every rank has gradients and enters each FSDP forward."""
     mine = my_share(batch)
-    micro = split(mine, min(cfg.grad_accum_steps, len(mine)))
+    micro = split(mine, min(cfg.grad_accum_steps, len(mine))) if mine else []
     fillers = lockstep(micro, batch[:1])[len(micro):]
     metrics = step_fn(micro, batch)
     if fillers:
@@ -578,7 +579,7 @@ def ppo_step(policy, ref_model, reward_model, value_model, prompts: list[list[in
     groups = [list(trainable(model.train()).values()) for model in [policy, *critics]]
     sums, n_updates = {}, 0
     for _ in range(cfg.ppo_epochs):
-        for minibatch in split(torch.randperm(len(prompts)).tolist(), cfg.ppo_minibatches):
+        for minibatch in split(torch.randperm(len(prompts)).tolist(), min(cfg.ppo_minibatches, len(prompts))):
             n_tokens = mask[minibatch].sum()
             totals = torch.zeros(3, device=device)  # policy loss, value loss, clipped fraction: minibatch means
             mine = batches_of(my_share(minibatch), cfg.ppo_micro_batch_size)
@@ -1058,9 +1059,9 @@ def read_file(path: Path, flag: str) -> list[dict]:
     if ".jsonl" not in data_suffix(path):
         try:
             data = json.loads(text)
-            if not isinstance(data, list):
+            if not isinstance(data, (list, dict)):
                 raise DataError(f"{path}: expected a JSON list of row objects, got {type(data).__name__}")
-            return data
+            return data if isinstance(data, list) else [data]  # (one row of JSON Lines)
         except json.JSONDecodeError as e:
             if e.msg != "Extra data":  # more than one JSON value: JSON Lines
                 raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
@@ -1416,10 +1417,10 @@ def check_config(cfg, need_pref: bool = True, problems: Iterable[str] = ()) -> N
 def cli(main: Callable, config_cls) -> None:
     """Every script's entry point: flags -> config -> (torchrun: join the process group) -> main(config). A
     UserError prints its message alone and exits 2 (bad input) or 1 (a stopped run); SIGINT and SIGTERM stop
-    resumably (130); an error puts back the run --overwrite moved aside."""
+    resumably (130), a full disk too (1); another error puts back the run --overwrite moved aside."""
     debug = "--debug" in sys.argv[1:] or os.environ.get("ALIGN_DEBUG", "0") not in ("", "0")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops a run as SIGINT does
-    code = None
+    code, resumable = None, False
     try:
         cfg = parse_config(config_cls)
         init_distributed(cfg)
@@ -1430,7 +1431,10 @@ def cli(main: Callable, config_cls) -> None:
         if isinstance(e, OSError) and e.errno != errno.ENOSPC:
             raise
         code = 130 if isinstance(e, KeyboardInterrupt) else 2 if isinstance(e, (ConfigError, DataError)) else 1
+        resumable = isinstance(e, (KeyboardInterrupt, OSError))  # an interruption or a full disk: --resume continues
         if debug:
+            if dist.is_initialized():  # (os._exit below would swallow the traceback)
+                traceback.print_exc()
             raise
         if is_main():  # every rank meets the same bad input: one message
             print({KeyboardInterrupt: "interrupted: every file in --output_dir is whole; --resume continues from the last checkpoint",
@@ -1439,7 +1443,7 @@ def cli(main: Callable, config_cls) -> None:
                    OSError: f"error: no space left on the device ({getattr(e, 'filename', '')}); free some, then --resume"}.get(
                        type(e), f"error: {e}"), file=sys.stderr)
     finally:
-        if code != 130:
+        if not resumable:
             put_back_replaced()  # an error or a crash before this run finished (a no-op once it has)
         if dist.is_initialized() and code is not None:  # leave before gloo's threads can abort a rank in Python's clean-up
             dist.destroy_process_group()
@@ -1451,7 +1455,7 @@ def cli(main: Callable, config_cls) -> None:
 
 # ==== Output folder, checkpoints, logs ======================================================================
 # Files are whole or absent (written under a temporary name, then renamed), never written through a symbolic link. One run
-# holds a folder (a lock on <output_dir>/.lock). --overwrite moves the earlier run's files to <output_dir>.replaced/, deleted
+# holds a folder (a lock on <output_dir>/.lock). --overwrite moves the earlier run's files to <output_dir>/.replaced/, deleted
 # when this run finishes, put back if it fails first. Checkpoints are safetensors and JSON (loading them runs no code), with a
 # sha256 of every file a resumed run will read.
 
@@ -1470,7 +1474,7 @@ def check_output_dir(cfg) -> None:
     parent = next(p for p in [out, *out.absolute().parents] if p.exists())
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"--output_dir {out}: {parent} is not writable")
-    found = run_files(out) if out.is_dir() else []
+    found = run_files(out) + [".replaced"] * os.path.lexists(out / ".replaced") if out.is_dir() else []
     if links := [name for name in [*found, ".lock"] if (out / name).is_symlink()]:
         raise ConfigError(f"--output_dir {out}: {links[0]} is a symbolic link; a run writes only real files in its folder: remove it")
     if found and not (cfg.overwrite or cfg.resume):
@@ -1491,14 +1495,17 @@ def take_folder(out: Path, cfg, resumed: bool, seen: list[str]) -> None:
     _held.lock.truncate(0), _held.lock.write(str(os.getpid())), _held.lock.flush()
     if run_files(out) != seen:
         raise ConfigError(f"--output_dir {out} changed while this run was starting (another run?); look at it and start again")
-    aside = out.with_name(out.name + ".replaced")
     if not resumed and cfg.resume and (out / "results.json").exists():
         raise ConfigError(f"--resume: {out} holds a finished run and no checkpoint; pass --overwrite to replace it")
+    aside = out / ".replaced"  # inside the folder: a rename never crosses file systems
+    if aside.exists() and (not any(aside.iterdir()) or (out / "results.json").exists()):
+        remove(aside)  # empty, or left by a run that finished: stale (else it holds the last finished run: it stays aside)
     if not resumed and seen and cfg.overwrite and not aside.exists():
         aside.mkdir()
+        _held.replaced = (out, aside)  # from the first move on, a failure puts back what moved
         for name in seen:
             os.replace(out / name, aside / name)
-    else:  # (a <out>.replaced left by a killed --overwrite run still holds the last finished run: it stays aside)
+    else:
         for name in seen if not resumed else [n for n in seen if n.endswith(".tmp") or n == "results.json"]:
             remove(out / name)
     _held.replaced = (out, aside) if aside.exists() else None
@@ -1536,7 +1543,7 @@ def write_folder(path, fill: Callable[[Path], object]) -> None:
     except Exception as e:
         remove(tmp)
         if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
-            raise UserError(f"{path}: not written: no space left on the device; free some, then --resume") from e
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from e
         raise
     if os.path.lexists(path):  # (if only <path>.old is left from an interruption, it stays until tmp is in place)
         if os.path.lexists(old):
@@ -1638,7 +1645,7 @@ def load_checkpoint(out: Path, cfg) -> dict | None:
         return None
     try:
         state = json.loads((folder / "state.json").read_text())
-        assert {"config", "metrics_lines", "sha256"} <= set(state)
+        state["config"], state["metrics_lines"], state["sha256"]  # noqa: B018 (a KeyError: not this version's)
     except Exception:
         raise ConfigError(f"--resume: {folder / 'state.json'} is damaged or from an older version; start again with --overwrite") from None
     now, skip = dataclasses.asdict(cfg), ("resume", "overwrite", "debug", "device", "output_dir")
@@ -1720,8 +1727,9 @@ def begin(run, policy, *models, resumed: bool | None = None) -> Callable[[dict],
     for model in (policy, run.judge, *models):
         if model is not None:
             place(model, cfg, run.device)
+    resumed = run.checkpoint is not None if resumed is None else resumed
     print("\n".join(data_lines(data["report"], cfg)) + f"\nmodel {cfg.model} ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M "
-          f"parameters) on {run.device}, {run.dtype}" + ((f"; --resume: continuing {run.out} from its checkpoint" if run.checkpoint else
+          f"parameters) on {run.device}, {run.dtype}" + ((f"; --resume: continuing {run.out} from its checkpoint" if resumed else
                                                           f"; --resume: no checkpoint in {run.out}, starting from the beginning") if cfg.resume else ""))
     if run.checkpoint:
         restore_rng(run.checkpoint["rng"])
@@ -1884,7 +1892,8 @@ def sync_gradients(params: list) -> None:
             g.copy_(summed)
 
 def lockstep(batches: list, filler) -> list:
-    """Every rank runs as many passes as the busiest (FSDP's forward gathers from all ranks): `filler`s, losses times 0."""
+    """Every rank runs as many passes as the busiest: `filler`s, losses times 0 (FSDP's forward gathers from all ranks at once,
+    and DDP's gradient sum needs every rank's gradients)."""
     if world_size() == 1:
         return batches
     return batches + [filler] * (sum_over_ranks(torch.tensor([len(batches)]), dist.ReduceOp.MAX).item() - len(batches))

@@ -175,8 +175,9 @@ def run_arm(cfg: Config, run, out, checkpoint: dict | None, policy=None, log=Non
     if log is None:  # (the HBAT arm logs into --output_dir itself, opened by main)
         out.mkdir(exist_ok=True)
         log = C.open_log(out, checkpoint["metrics_lines"] if checkpoint else 0)
-    state = {k: checkpoint[k] for k in ("next_stage", "importance", "trajectory", "first_outputs", "last_responses")} if checkpoint else \
-        {"next_stage": 0, "importance": {"sft": None, "pref": None}, "trajectory": [], "first_outputs": None, "last_responses": []}
+    state = {k: checkpoint[k] for k in ("next_stage", "importance", "trajectory", "first_outputs", "last_responses", "score_name")} \
+        if checkpoint else {"next_stage": 0, "importance": {"sft": None, "pref": None}, "trajectory": [], "first_outputs": None,
+                            "last_responses": [], "score_name": ""}
     reward_model = None
     if cfg.pref == "ppo" and (reward_model_dir or state["next_stage"] > 0):  # given, or trained before the checkpoint
         reward_model = C.load_reward_model(str(reward_model_dir or out / "reward_model"), tokenizer, cfg.trust_remote_code, flag="")

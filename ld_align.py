@@ -133,8 +133,8 @@ class GuideModel(nn.Module):
 
 
 class PolicyGuide(nn.Module):
-    """The guiding auto-encoder built from a pretrained transformer, the starting policy (METHODS.md
-    section 3): the same interface as GuideModel.
+    """The guiding auto-encoder built from a pretrained transformer, the starting policy (the default guide, README):
+    the same interface as GuideModel.
        encoder  phi(x, y) = W_z * mean_{t in y} Body(x; y)_t          (a copy of the policy's body)
        decoder  p(y_t | z, y_<t) = LM([W_p z; E[y_<t]])_t               (a copy of the policy, z as a prefix embedding)
        loss     L_rec = -(1/N) sum over response tokens of log p(y_t | phi(x, y), y_<t)
@@ -292,8 +292,8 @@ def run_arm(name: str, weighting: str, policy, run, state: dict, checkpoint: dic
         guide_seqs = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
         if not cfg.keep_identical:  # y_gen == y_gold: h == 0 whatever pi is, so no gradient (and d == 0)
             pairs = [p for p in pairs if p["chosen"] != p["rejected"]]
-        if guide is None:
-            return [{**p, "weight": 1.0} for p in pairs], {}
+        if guide is None:  # SPIN
+            return [{**p, "weight": w} for p, w in zip(pairs, pair_weights(None, weighting, cfg.w_max, len(pairs)).tolist())], {}
         stats = {"guide_loss": train_guide(guide, guide_optimizer, guide_seqs, cfg, pad_id=tokenizer.pad_token_id, seed=cfg.seed + t,
                                            device=device, log=log, desc=f"{name} guide {t}")}
         if not pairs:
@@ -335,7 +335,7 @@ def main(cfg: Config) -> dict:
     policy = C.load_model(str(run.out / "sft") if checkpoint and run_sft else cfg.model, run.tokenizer, cfg.trust_remote_code, cfg.seed)
     resumed_policy = None  # the policy of an arm stopped mid-way
     if checkpoint and checkpoint["iteration"] > 0:
-        resumed_policy = C.load_model(str(checkpoint["folder"]), run.tokenizer, cfg.trust_remote_code)
+        resumed_policy = C.load_model(str(checkpoint["folder"]), run.tokenizer, cfg.trust_remote_code, cfg.seed)
     log = C.begin(run, policy, resumed_policy)
     tokenizer, data, device, dtype = run.tokenizer, run.data, run.device, run.dtype
     score_fn, score_name = C.preference_scorer(data["builtin"], run.judge, run.judge is not None, tokenizer, cfg, device, dtype)

@@ -44,7 +44,7 @@ def main(cfg: Config) -> dict:
     if next_stage < 1:
         C.train_sft(policy, data["sft"], cfg, device=device, dtype=dtype, seed=cfg.seed, desc="sft", log=log)
         C.save_model(policy, tokenizer, run.out / "sft")
-        C.save_checkpoint(run, {"next_stage": 1}, policy)
+        C.save_checkpoint(run, {"next_stage": 1}, policy, reads=["sft"])  # (PPO's reward model starts from sft/)
     if next_stage < 2 and cfg.pref == "ppo":  # the reward model starts from the SFT model, as in InstructGPT
         reward_model = C.load_reward_model(str(run.out / "sft"), tokenizer, cfg.trust_remote_code, flag="", new_head=True)
         C.place(reward_model, cfg, device)

@@ -221,66 +221,62 @@ def report(table: str, arms: list, baseline: str, runs: dict, seeds: list[int]) 
     return "\n".join(lines)
 
 
-def figure(arms: list, runs: dict, seeds: list[int], path: Path) -> None:
-    """rougeL against gold reward: one curve per method through its knob values (arm names "<method>, <knob>"),
-    error bars one sd over seeds; the two-stage SFT model as a reference point."""
+def plot(path: Path, panels: int, draw) -> None:
+    """A figure of `panels` side by side, each drawn by draw(ax, i), saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    methods = dict.fromkeys(name.rsplit(", ", 1)[0] for name, *_ in arms)
-    for method in methods:
-        points = [(name.rsplit(", ", 1)[1], [runs[name, s]["final"] for s in seeds]) for name, *_ in arms
-                  if name.rsplit(", ", 1)[0] == method]
-        x = [statistics.mean(f["reward"] for f in finals) for _, finals in points]
-        y = [statistics.mean(f["rougeL"] for f in finals) for _, finals in points]
-        sx = [statistics.stdev(f["reward"] for f in finals) if len(seeds) > 1 else 0 for _, finals in points]
-        sy = [statistics.stdev(f["rougeL"] for f in finals) if len(seeds) > 1 else 0 for _, finals in points]
-        line = ax.errorbar(x, y, xerr=sx, yerr=sy, marker="o", capsize=3, label=method)
-        for (knob, _), xi, yi in zip(points, x, y):
-            ax.annotate(knob, (xi, yi), textcoords="offset points", xytext=(5, 5), fontsize=8, color=line[0].get_color())
-    sft = [runs[arms[0][0], s]["results"].get("sft") for s in seeds]
-    if all(sft):
-        ax.plot(statistics.mean(f["reward"] for f in sft), statistics.mean(f["rougeL"] for f in sft), "k*", markersize=10,
-                label="SFT model (start of preference training)")
-    ax.set_xlabel("gold reward (preference)")
-    ax.set_ylabel("rougeL against the reference (instruction following)")
-    ax.set_title(f"built-in task, tiny model: mean +- sd over {len(seeds)} seeds", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"figure: {path}")
-
-
-def hybrid_figure(tables: dict, seeds: list[int], path: Path) -> None:
-    """rougeL against gold reward, one point per arm (mean, error bars one sd over seeds), DPO and PPO side by side,
-    the SFT model as a reference point."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, (table, (arms, runs)) in zip(axes, tables.items()):
-        for name, *_ in arms:
-            finals = [runs[name, s]["final"] for s in seeds]
-            sd = lambda m: statistics.stdev(f[m] for f in finals) if len(seeds) > 1 else 0  # noqa: E731
-            ax.errorbar(statistics.mean(f["reward"] for f in finals), statistics.mean(f["rougeL"] for f in finals),
-                        xerr=sd("reward"), yerr=sd("rougeL"), marker="o", capsize=3, label=name)
-        sft = [runs[arms[0][0], s]["results"]["two-stage sft"] for s in seeds]
-        ax.plot(statistics.mean(f["reward"] for f in sft), statistics.mean(f["rougeL"] for f in sft), "k*", markersize=10,
-                label="SFT model (two-stage)")
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels + 0.5, 4.5), squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        draw(ax, i)
         ax.set_xlabel("gold reward (preference)")
         ax.set_ylabel("rougeL (instruction following)")
-        ax.set_title(f"{table.split('_')[1].upper()}: mean +- sd over {len(seeds)} seeds (tiny model, built-in task)", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"figure: {path}")
+
+
+def point(ax, finals: list[dict], seeds: list[int], **style):
+    """Mean rougeL against mean gold reward, error bars one sd over the seeds."""
+    sd = lambda m: statistics.stdev(f[m] for f in finals) if len(seeds) > 1 else 0  # noqa: E731
+    return ax.errorbar(statistics.mean(f["reward"] for f in finals), statistics.mean(f["rougeL"] for f in finals),
+                       xerr=sd("reward"), yerr=sd("rougeL"), marker="o", capsize=3, **style)
+
+
+def figure(arms: list, runs: dict, seeds: list[int], path: Path) -> None:
+    """One curve per method through its knob values (arm names "<method>, <knob>"), the two-stage SFT model as a reference."""
+    def draw(ax, _):
+        for method in dict.fromkeys(name.rsplit(", ", 1)[0] for name, *_ in arms):
+            points = [(name.rsplit(", ", 1)[1], [runs[name, s]["final"] for s in seeds]) for name, *_ in arms
+                      if name.rsplit(", ", 1)[0] == method]
+            xy = [(statistics.mean(f["reward"] for f in finals), statistics.mean(f["rougeL"] for f in finals)) for _, finals in points]
+            line = ax.plot(*zip(*xy), "-", label=method)[0]
+            for (knob, finals), (x, y) in zip(points, xy):
+                point(ax, finals, seeds, color=line.get_color())
+                ax.annotate(knob, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8, color=line.get_color())
+        sft = [runs[arms[0][0], s]["results"].get("sft") for s in seeds]
+        if all(sft):
+            ax.plot(statistics.mean(f["reward"] for f in sft), statistics.mean(f["rougeL"] for f in sft), "k*", markersize=10,
+                    label="SFT model (start of preference training)")
+        ax.set_title(f"built-in task, tiny model: mean +- sd over {len(seeds)} seeds", fontsize=10)
+    plot(path, 1, draw)
+
+
+def hybrid_figure(tables: dict, seeds: list[int], path: Path) -> None:
+    """One point per arm, DPO and PPO side by side, the two-stage SFT model as a reference."""
+    def draw(ax, i):
+        table, (arms, runs) = list(tables.items())[i]
+        for name, *_ in arms:
+            point(ax, [runs[name, s]["final"] for s in seeds], seeds, label=name)
+        sft = [runs[arms[0][0], s]["results"]["two-stage sft"] for s in seeds]
+        ax.plot(statistics.mean(f["reward"] for f in sft), statistics.mean(f["rougeL"] for f in sft), "k*", markersize=10,
+                label="SFT model (two-stage)")
+        ax.set_title(f"{table.split('_')[1].upper()}: mean +- sd over {len(seeds)} seeds (tiny model, built-in task)", fontsize=10)
+    plot(path, len(tables), draw)
 
 
 def main() -> None:

@@ -398,7 +398,7 @@ def test_overwrite_replaces_only_the_earlier_runs_files(tmp_path):
     assert (out / "notes.txt").read_text() == "mine" and not (out / "final.tmp").exists()
     assert json.loads((out / "results.json").read_text())["config"]["seed"] == 0
     assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoint", "final", "metrics.jsonl", "notes.txt", "results.json", "sft"]
-    assert not (tmp_path / "run.replaced").exists()  # the earlier run waited there until this one finished
+    assert not (out / ".replaced").exists()  # the earlier run waited there until this one finished
 
 
 def without_lock(folder: Path) -> dict[str, str]:
@@ -406,9 +406,10 @@ def without_lock(folder: Path) -> dict[str, str]:
 
 
 def test_a_failed_overwrite_puts_the_earlier_run_back(tmp_path, monkeypatch, capsys):
-    """--overwrite moves the earlier run to <out>.replaced/ when the new run takes the folder; the new run
+    """--overwrite moves the earlier run to <out>/.replaced/ when the new run takes the folder; the new run
     stops in its DPO stage, and cli() deletes its files and puts the earlier run back, byte for byte."""
-    out, aside = tmp_path / "run", tmp_path / "run.replaced"
+    out = tmp_path / "run"
+    aside = out / ".replaced"
     two_stage_baseline.main(small(out, seed=1))
     (out / "notes.txt").write_text("mine")
     before, seen = without_lock(out), {}
@@ -427,7 +428,7 @@ def test_a_failed_overwrite_puts_the_earlier_run_back(tmp_path, monkeypatch, cap
     assert f"the earlier run in {out} is back in place" in err
     # while the new run ran: the earlier run's files aside, the new run's SFT model and the user's file in the folder
     assert seen["aside"] == ["checkpoint", "final", "metrics.jsonl", "results.json", "sft"]
-    assert {"notes.txt", "sft", "metrics.jsonl"} <= set(seen["out"]) and "results.json" not in seen["out"]
+    assert {"notes.txt", "sft", "metrics.jsonl", ".replaced"} <= set(seen["out"]) and "results.json" not in seen["out"]
     assert without_lock(out) == before and not aside.exists()
     assert json.loads((out / "results.json").read_text())["config"]["seed"] == 1
 

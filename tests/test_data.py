@@ -346,13 +346,17 @@ def test_invalid_json_file_names_file_and_line(tmp_path):
     assert re.search(r"\bline 3\b", str(err.value)), str(err.value)
 
 
-def test_json_file_must_hold_a_list(tmp_path):
+def test_json_file_must_hold_rows(tmp_path):
+    """A JSON list of rows, or JSON Lines: one object alone is one row (Dataset.to_json writes one row so); a number or a
+    string is refused, naming the file."""
     path = tmp_path / "obj.json"
     path.write_text(json.dumps({"prompt": "a", "completion": "b"}))
+    assert common.read_rows(str(path)).rows == [{"prompt": "a", "completion": "b"}]
+    path.write_text(json.dumps("a string"))
     with pytest.raises(DataError) as err:
         common.read_rows(str(path))
     assert_names(str(err.value), path)
-    assert "list" in str(err.value)
+    assert "expected a JSON list of row objects, got str" in str(err.value)
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet"])

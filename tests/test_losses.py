@@ -584,6 +584,15 @@ def _params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def ppo_setup(tiny_dir, n_prompts: int):
+    """A policy, a frozen reward model with a fresh (seeded) head, n built-in-task prompts, and the EOS id."""
+    policy, tokenizer = common.load_model_and_tokenizer(str(tiny_dir))
+    torch.manual_seed(1)
+    reward_model = common.load_reward_model(str(tiny_dir), tokenizer, new_head=True).requires_grad_(False)
+    rows = common.builtin_task(seed=6, n_sft=1, n_pref=n_prompts, n_test=1)["pref"]
+    return policy, tokenizer, reward_model, [common.encode_prompt(tokenizer, r["prompt"]) for r in rows], tokenizer.eos_token_id
+
+
 def _max_diff(a, b):
     return max((a[n] - b[n]).abs().max().item() for n in a)
 
@@ -963,12 +972,7 @@ def test_critic_free_ppo_step_is_the_whitened_reward_policy_gradient(tiny_dir, m
     """One critic-free update (one minibatch, one epoch, plain SGD, no clipping) on fixed responses equals
     the step along -grad masked_mean(-A * pi / pi_old), A = whitened critic_free_rewards, computed here
     by hand; there is no value model and no value loss."""
-    policy, tokenizer = common.load_model_and_tokenizer(str(tiny_dir))
-    torch.manual_seed(1)
-    reward_model = common.load_reward_model(str(tiny_dir), tokenizer, new_head=True).requires_grad_(False)
-    rows = common.builtin_task(seed=6, n_sft=1, n_pref=4, n_test=1)["pref"]
-    prompts = [common.encode_prompt(tokenizer, r["prompt"]) for r in rows]
-    eos = tokenizer.eos_token_id
+    policy, tokenizer, reward_model, prompts, eos = ppo_setup(tiny_dir, 4)
     responses = [[5, 6, 7, eos], [8, eos], [9, 10, 11, 12, 13], [14, 15, eos]]
     monkeypatch.setattr(common, "generate", lambda *args, **kwargs: responses)
     cfg = dataclasses.replace(common.TrainConfig(), ppo_minibatches=1, ppo_epochs=1, ppo_micro_batch_size=4, kl_coef=0.1,
@@ -1210,12 +1214,7 @@ def test_ppo_step_with_sft_batches_adds_sft_coef_times_the_sft_gradient(tiny_dir
     one update with plain SGD is -lr a grad of the SFT token-mean NLL on the next SFT batch, which is
     computed here sequence by sequence; without SFT batches the same update leaves the policy where it was."""
     a, lr = 0.5, 0.2
-    policy, tokenizer = common.load_model_and_tokenizer(str(tiny_dir))
-    torch.manual_seed(1)
-    reward_model = common.load_reward_model(str(tiny_dir), tokenizer, new_head=True).requires_grad_(False)
-    rows = common.builtin_task(seed=6, n_sft=1, n_pref=3, n_test=1)["pref"]
-    prompts = [common.encode_prompt(tokenizer, r["prompt"]) for r in rows]
-    eos = tokenizer.eos_token_id
+    policy, tokenizer, reward_model, prompts, eos = ppo_setup(tiny_dir, 3)
     monkeypatch.setattr(common, "generate", lambda *args, **kwargs: [[5, 6, eos], [8, eos], [9, 10, 11, 12]])
     monkeypatch.setattr(common, "ppo_policy_loss",
                         lambda logps, old_logps, advantages, mask, clip=0.2: (0 * logps.sum(), torch.zeros(())))

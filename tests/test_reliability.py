@@ -1,8 +1,9 @@
 """Runs that survive faults and attacks: checkpoints that load no pickles and notice tampering, one run per
 folder (a lock), --overwrite that keeps the earlier run until the new one has finished, writes that never
 follow a symbolic link, SIGTERM as SIGINT, and one clear message for a full disk, a damaged file or a
-model that cannot take the data. Each case runs the real command line in a subprocess (exit status, the
-message, no traceback) unless it needs a hook inside the process."""
+model that cannot take the data. Each case runs the real command line through the scripts' entry point
+(common.cli: exit status, one message, no traceback), in this process, or in real processes where the case
+needs two of them or a signal."""
 import errno
 import fcntl
 import json
@@ -24,9 +25,22 @@ TINY = ["--n_sft", "16", "--n_pref", "16", "--eval_size", "4", "--sft_epochs", "
         "--eval_batch_size", "8"]
 
 
-def run(*args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "two_stage_baseline.py"), *TINY, *map(str, args)], cwd=ROOT,
-                          env=script_env(), capture_output=True, text=True, timeout=timeout)
+def run(*args) -> subprocess.CompletedProcess:
+    """`python two_stage_baseline.py TINY args` through its real entry point, common.cli, in this process."""
+    import contextlib
+    import io
+
+    import two_stage_baseline
+    stdout, stderr, argv, code = io.StringIO(), io.StringIO(), sys.argv, 0
+    sys.argv = ["two_stage_baseline.py", *TINY, *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            C.cli(two_stage_baseline.main, two_stage_baseline.Config)
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(sys.argv, code, stdout.getvalue(), stderr.getvalue())
 
 
 def one_line_error(proc, code: int = 2) -> str:
@@ -170,7 +184,8 @@ def test_a_folder_held_by_a_live_run_is_refused_naming_its_pid(finished, tmp_pat
 
 def test_two_runs_started_together_into_one_folder_leave_one_whole_run(tmp_path):
     out = tmp_path / "run"
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "two_stage_baseline.py"), *TINY, "--output_dir", str(out), "--seed", str(s),
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "two_stage_baseline.py"), *TINY, "--model", "tiny-random",
+                               "--output_dir", str(out), "--seed", str(s),
                                *(["--overwrite"] if s else [])], cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for s in (0, 1)]
     outcomes = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
@@ -183,7 +198,7 @@ def test_two_runs_started_together_into_one_folder_leave_one_whole_run(tmp_path)
     results = json.loads((out / "results.json").read_text())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in records].count("eval final") == 1  # one run's log, not two interleaved
-    assert not (tmp_path / "run.replaced").exists()
+    assert not (out / ".replaced").exists()
     assert results["config"]["seed"] in (0, 1)
 
 
@@ -199,7 +214,7 @@ def test_overwrite_that_fails_puts_the_earlier_run_back(finished, tmp_path):
     proc = run("--output_dir", out, "--overwrite", "--pref_lr", "1e30")  # passes every check, then the DPO loss blows up
     assert proc.returncode == 1 and "error:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "back in place" in proc.stderr
-    assert snapshot(out) == before and not (tmp_path / "run.replaced").exists()
+    assert snapshot(out) == before and not (out / ".replaced").exists()
 
 
 def test_overwrite_that_finishes_deletes_the_earlier_run(finished, tmp_path):
@@ -207,7 +222,7 @@ def test_overwrite_that_finishes_deletes_the_earlier_run(finished, tmp_path):
     (out / "notes.txt").write_text("mine")
     proc = run("--output_dir", out, "--overwrite", "--seed", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert not (tmp_path / "run.replaced").exists() and (out / "notes.txt").read_text() == "mine"
+    assert not (out / ".replaced").exists() and (out / "notes.txt").read_text() == "mine"
     assert json.loads((out / "results.json").read_text())["config"]["seed"] == 2
 
 
@@ -247,7 +262,7 @@ def test_writes_never_follow_a_symbolic_link_out_of_the_folder(finished, tmp_pat
 
 def test_sigterm_stops_like_sigint_and_the_run_resumes(tmp_path):
     out = tmp_path / "run"
-    command = [sys.executable, str(ROOT / "two_stage_baseline.py"), *TINY, "--output_dir", str(out)]
+    command = [sys.executable, str(ROOT / "two_stage_baseline.py"), *TINY, "--model", "tiny-random", "--output_dir", str(out)]
     proc = subprocess.Popen(command, cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / "checkpoint" / "state.json").exists() and time.time() < deadline and proc.poll() is None:
@@ -270,8 +285,9 @@ def test_a_full_disk_is_one_message_and_leaves_the_old_folder(tmp_path, failure)
         (tmp / "state.json").write_text("half")
         raise failure
 
-    with pytest.raises(C.UserError, match="no space left on the device; free some, then --resume"):
+    with pytest.raises(OSError) as info:  # cli: "error: no space left on the device (...); free some, then --resume", exit 1
         C.write_folder(path, fill)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
     assert (path / "state.json").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
 
 
@@ -289,3 +305,92 @@ def test_output_dir_with_a_tilde_after_an_equals_sign_is_expanded(monkeypatch, t
     monkeypatch.setenv("HOME", str(tmp_path))
     cfg = C.parse_config(C.TrainConfig, ["--output_dir=~/runs/x", "--model", "tiny"])
     assert cfg.output_dir == str(tmp_path / "runs" / "x")
+
+
+# ============================================================================================
+# Regressions (a review of the rewrite): each of these failed before its fix
+# ============================================================================================
+
+
+def small(out, **overrides):
+    import two_stage_baseline
+    return two_stage_baseline.Config(**{**dict(n_sft=16, n_pref=16, eval_size=4, sft_epochs=1, batch_size=8, max_new_tokens=6,
+                                                eval_batch_size=8, device="cpu", output_dir=str(out)), **overrides})
+
+
+def test_a_killed_overwrite_keeps_the_earlier_run_aside_until_one_finishes(finished, tmp_path, monkeypatch, capsys):
+    """--overwrite moves the earlier run into <out>/.replaced; a kill (or a full disk) then keeps both. A plain run is refused
+    (the earlier run still waits there); --overwrite again clears the killed run's files and keeps the earlier run aside until
+    it finishes; an empty .replaced (a move that never started) is stale and dropped."""
+    import two_stage_baseline
+    out = copy_run(finished, tmp_path / "run")
+    earlier = snapshot(out)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(C, "train_dpo", full_disk)
+    monkeypatch.setattr(sys, "argv", ["two_stage_baseline.py", *TINY, "--overwrite", "--output_dir", str(out)])
+    with pytest.raises(SystemExit) as info:
+        C.cli(two_stage_baseline.main, two_stage_baseline.Config)
+    assert info.value.code == 1 and "no space left on the device" in capsys.readouterr().err
+    assert snapshot(out / ".replaced") == earlier  # kept aside, whole
+    assert (out / "checkpoint" / "state.json").exists()  # and the new run can --resume
+    monkeypatch.undo()
+    with pytest.raises(C.ConfigError, match="holds another run's files"):
+        two_stage_baseline.main(small(out))
+    (out / "checkpoint").rename(tmp_path / "gone")  # a fresh --overwrite: the killed run's files go, the earlier run stays aside
+    two_stage_baseline.main(small(out, overwrite=True, seed=3))
+    assert not (out / ".replaced").exists() and json.loads((out / "results.json").read_text())["config"]["seed"] == 3
+    (out / ".replaced").mkdir()  # empty: stale
+    two_stage_baseline.main(small(out, overwrite=True, seed=4))
+    assert not (out / ".replaced").exists() and json.loads((out / "results.json").read_text())["config"]["seed"] == 4
+
+
+def test_hbat_resumes_from_a_checkpoint_written_after_its_last_stage(tmp_path):
+    import hbat
+    cfg = hbat.Config(n_sft=16, n_pref=16, eval_size=4, sft_epochs=1, batch_size=8, max_new_tokens=6, eval_batch_size=8, rounds=1,
+                      device="cpu", output_dir=str(tmp_path / "run"))
+    whole = hbat.main(cfg)
+    (tmp_path / "run" / "results.json").unlink()
+    import shutil
+    shutil.rmtree(tmp_path / "run" / "final")
+    import dataclasses
+    resumed = hbat.main(dataclasses.replace(cfg, resume=True))
+    assert resumed["reward_metric"] == whole["reward_metric"] == "gold reward" and resumed["trajectory"] == whole["trajectory"]
+
+
+def test_micro_steps_on_a_rank_whose_share_is_empty(monkeypatch):
+    """Two ranks, one example: rank 1's share is empty, and it runs one zero-weighted filler (so it has gradients to sum)."""
+    monkeypatch.setattr(C, "my_share", lambda items: [])
+    monkeypatch.setattr(C, "lockstep", lambda batches, filler: batches + [filler])  # the other rank has one micro-batch
+    calls = []
+    metrics = C.micro_steps(lambda micro, whole, scale=1.0: calls.append((micro, whole, scale)) or {"n": len(micro)}, ["x"],
+                            C.TrainConfig(grad_accum_steps=2))
+    assert calls == [([], ["x"], 1.0), ([["x"]], ["x"], 0.0)] and metrics == {"n": 0}
+
+
+def test_a_ppo_rollout_smaller_than_the_minibatch_count_makes_no_empty_update(tiny_dir, monkeypatch):
+    """One prompt, --ppo_minibatches 2: one update per PPO epoch (an empty minibatch would step on nothing but the penalty)."""
+    policy, tokenizer = C.load_model_and_tokenizer(str(tiny_dir))
+    reward_model = C.load_reward_model(str(tiny_dir), tokenizer, new_head=True, flag="")
+    cfg = C.TrainConfig(ppo_minibatches=2, ppo_epochs=3, max_new_tokens=4, device="cpu")
+    steps = []
+
+    class CountingSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            steps.append(1)
+            return super().step(closure)
+
+    optimizer = CountingSGD(policy.parameters(), lr=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    prompt = C.encode_prompt(tokenizer, C.builtin_task(0, 1, 0, 1)["sft"][0]["prompt"])
+    C.ppo_step(policy, C.frozen_copy(policy), reward_model, None, [prompt], [(optimizer, schedule)], cfg,
+               device=torch.device("cpu"), dtype=torch.float32)
+    assert len(steps) == 3
+
+
+def test_a_json_file_with_one_line_of_json_lines_is_one_row(tmp_path):
+    path = tmp_path / "one.json"
+    path.write_text('{"prompt": "a", "completion": "b"}\n')  # what Dataset.to_json writes for one row
+    assert C.read_rows(str(path)).rows == [{"prompt": "a", "completion": "b"}]
