@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import errno
 import fcntl
+import functools
 import gzip
 import hashlib
 import json
@@ -1350,6 +1351,7 @@ class TrainConfig:
 
 PATH_FLAGS = ("model", "sft_data", "pref_data", "eval_data", "reward_model", "output_dir")
 
+@functools.cache  # (reading a class's source is slow; it never changes in a run)
 def setting_rules(cls) -> tuple[dict, dict, dict]:
     """({flag: help}, {flag: range}, {flag: choices}) from the comments of a config class and its bases."""
     import inspect

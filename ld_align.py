@@ -17,7 +17,7 @@ with pi_{t-1} (the policy at the start of the iteration) frozen as the reference
 was not available: the guide's shape, the distance, the weight formula and the schedule are this
 project's decisions (README, "LD-Align"), each a flag below.
 
-    python ld_align.py                  # built-in task, tiny model: SFT, then 3 LD-Align iterations (CPU, ~75 s)
+    python ld_align.py                  # built-in task, tiny model: SFT, then 3 LD-Align iterations (CPU, ~65 s)
     python ld_align.py --compare        # and the uniform-weight ablation (SPIN) from the same SFT model
     python ld_align.py --model DIR --sft_data FILE --pref_lr 5e-7   # real data: --model is already SFT'd
     torchrun --nproc_per_node N ld_align.py ...                      # N processes: DDP, or --fsdp to shard the models
