@@ -1712,10 +1712,12 @@ def begin(run, policy, *models, resumed: bool | None = None) -> Callable[[dict],
     """The data's longest sequence against the model's positions, one model against the free disk; then the folder is taken
     (`resumed`: a checkpoint continues), the log opened, the models placed, a summary printed, the RNG restored. Returns log()."""
     cfg, data, tokenizer = run.cfg, run.data, run.tokenizer
+    resumed = run.checkpoint is not None if resumed is None else resumed
     longest = max([len(e["input_ids"]) for e in data["sft"]] + [len(e[k]["input_ids"]) for e in data["pref"] for k in ("chosen", "rejected")]
                   + [len(generation_prompt(tokenizer, r["prompt"], cfg)) + cfg.max_new_tokens for r in data["test"]])
-    limits = [getattr(policy.config.get_text_config(), "max_position_embeddings", None), tokenizer.model_max_length]
-    if longest > (positions := min(n for n in limits if n) if any(limits) else longest):
+    positions = min(n for n in (getattr(policy.config.get_text_config(), "max_position_embeddings", None), tokenizer.model_max_length,
+                                longest) if n)
+    if longest > positions:
         raise ConfigError(f"--max_length {cfg.max_length}: --model {cfg.model} takes at most {positions} tokens (its position "
                           f"embeddings or tokenizer), and the data need {longest}; give --max_length {positions} or less")
     need = sum(p.numel() * p.element_size() for p in policy.parameters())
@@ -1723,13 +1725,12 @@ def begin(run, policy, *models, resumed: bool | None = None) -> Callable[[dict],
         raise ConfigError(f"--output_dir {run.out}: {free / 2**20:.0f} MiB free on its disk, and one saved model needs {need / 2**20:.0f} MiB")
     barrier()  # every rank has looked at the folder before rank 0 changes it
     if is_main():
-        take_folder(run.out, cfg, run.checkpoint is not None if resumed is None else resumed, run.seen)
+        take_folder(run.out, cfg, resumed, run.seen)
     barrier()
     log = open_log(run.out, run.checkpoint["metrics_lines"] if run.checkpoint else 0)
     for model in (policy, run.judge, *models):
         if model is not None:
             place(model, cfg, run.device)
-    resumed = run.checkpoint is not None if resumed is None else resumed
     print("\n".join(data_lines(data["report"], cfg)) + f"\nmodel {cfg.model} ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M "
           f"parameters) on {run.device}, {run.dtype}" + ((f"; --resume: continuing {run.out} from its checkpoint" if resumed else
                                                           f"; --resume: no checkpoint in {run.out}, starting from the beginning") if cfg.resume else ""))

@@ -251,7 +251,7 @@ def main(cfg: Config) -> dict:
         baseline = dataclasses.replace(cfg, rounds=1, ewc="none", schedule="ours", sft_coef=0.0)
         joint = dataclasses.replace(baseline, sft_coef=cfg.joint_coef)
         arms[:0] = [("two-stage", baseline, run.out / "two_stage")] + ([("joint", joint, run.out / "joint")] if cfg.joint_coef else [])
-    checkpoints = [C.load_checkpoint(folder, arm_cfg) if cfg.resume else None for _, arm_cfg, folder in arms]
+    checkpoints = [C.load_checkpoint(folder, arm_cfg) if cfg.resume and arm != "hbat" else run.checkpoint for arm, arm_cfg, folder in arms]
     for checkpoint in checkpoints:
         C.check_data_unchanged(checkpoint, run.data)
     first = C.load_model(str(checkpoints[0]["folder"]) if checkpoints[0] else arms[0][1].model, run.tokenizer, cfg.trust_remote_code, cfg.seed)

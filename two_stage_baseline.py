@@ -33,7 +33,7 @@ def main(cfg: Config) -> dict:
     # ---------------------------------------------------------------- set-up: every check before any file is written
     run = C.prepare(cfg)
     next_stage = run.checkpoint["next_stage"] if run.checkpoint else 0  # 1: SFT done; 2: the reward model and SFT evaluation too
-    policy = C.load_model(str(run.checkpoint["folder"]) if run.checkpoint else cfg.model, run.tokenizer, cfg.trust_remote_code, cfg.seed)
+    policy = C.load_model(str(run.out / "sft") if run.checkpoint else cfg.model, run.tokenizer, cfg.trust_remote_code, cfg.seed)
     reward_model = None
     if next_stage == 2 and cfg.pref == "ppo":
         reward_model = C.load_reward_model(str(run.out / "reward_model"), run.tokenizer, cfg.trust_remote_code, flag="")
@@ -44,7 +44,7 @@ def main(cfg: Config) -> dict:
     if next_stage < 1:
         C.train_sft(policy, data["sft"], cfg, device=device, dtype=dtype, seed=cfg.seed, desc="sft", log=log)
         C.save_model(policy, tokenizer, run.out / "sft")
-        C.save_checkpoint(run, {"next_stage": 1}, policy, reads=["sft"])  # (PPO's reward model starts from sft/)
+        C.save_checkpoint(run, {"next_stage": 1}, reads=["sft"])  # --resume continues from sft/, its sha256 recorded
     if next_stage < 2 and cfg.pref == "ppo":  # the reward model starts from the SFT model, as in InstructGPT
         reward_model = C.load_reward_model(str(run.out / "sft"), tokenizer, cfg.trust_remote_code, flag="", new_head=True)
         C.place(reward_model, cfg, device)
@@ -56,8 +56,8 @@ def main(cfg: Config) -> dict:
         sft_metrics, sft_outputs = C.evaluate(policy, tokenizer, data["test"], cfg, device=device, dtype=dtype, score_fn=score_fn,
                                               desc="eval sft")
         log({"stage": "eval sft", **sft_metrics})
-        C.save_checkpoint(run, {"next_stage": 2, "sft_metrics": sft_metrics, "sft_outputs": sft_outputs}, policy,
-                          reads=["reward_model"] if cfg.pref == "ppo" else [])
+        C.save_checkpoint(run, {"next_stage": 2, "sft_metrics": sft_metrics, "sft_outputs": sft_outputs},
+                          reads=["sft", "reward_model"] if cfg.pref == "ppo" else ["sft"])
     else:
         sft_metrics, sft_outputs = run.checkpoint["sft_metrics"], run.checkpoint["sft_outputs"]
 
