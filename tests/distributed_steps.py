@@ -19,8 +19,6 @@ cfg = C.TrainConfig(batch_size=8, grad_accum_steps=2, sft_epochs=2, pref_epochs=
 C.init_distributed(cfg)
 device, dtype = torch.device("cpu"), torch.float32
 model, tokenizer = C.load_model_and_tokenizer(model_dir)
-model.double()  # float64: summing in another order (over ranks) moves no weight by more than rounding, even through
-# Adam's m / sqrt(v), which magnifies float32 noise in elements whose gradient is near zero
 C.disable_dropout(model)
 C.place(model, cfg, device)
 task = C.builtin_task(0, n_sft=11, n_pref=11, n_test=1)
