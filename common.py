@@ -698,22 +698,43 @@ def win_rate(scores: list[float], other_scores: list[float]) -> float:
 
 def evaluate(model, tokenizer, test_rows: list[dict], cfg, *, device, dtype, score_fn: Callable | None = None,
              against: dict | None = None, desc: str = "eval") -> tuple[dict, dict]:
-    """Greedy responses to the test prompts. rougeL: F1 against the reference (instruction following);
-    reward: score_fn's (the gold reward or a reward model: preference); win_rate: by score_fn against
-    `against` (another evaluate() output on the same rows); length: response tokens, EOS not counted."""
+    """Greedy responses to the test prompts, and --eval_samples more per prompt at temperature 1 (their means:
+    the *_sampled metrics, which move before a greedy answer flips). instruction (built-in task): the format
+    asked for is kept (instruction_score, over the prompts that ask for a list); rougeL: F1 against the
+    reference; reward: score_fn's (the gold reward or a reward model: preference); win_rate: by score_fn
+    against `against` (another evaluate() output on the same rows); length: response tokens, EOS not counted."""
     prompt_ids = [generation_prompt(tokenizer, r["prompt"], cfg) for r in test_rows]
-    response_ids = generate(model, prompt_ids, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, device=device,
-                            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, dtype=dtype, desc=desc)
-    responses, n = tokenizer.batch_decode(response_ids, skip_special_tokens=True), len(test_rows)
-    metrics = {"rougeL": sum(rouge_l_f1(y, r["reference"]) for y, r in zip(responses, test_rows)) / n,
-               "length": sum(len(ids) - (ids[-1:] == [tokenizer.eos_token_id]) for ids in response_ids) / n}
+    prompts, n, k = [r["prompt"] for r in test_rows], len(test_rows), cfg.eval_samples
+    settings = dict(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=cfg.max_new_tokens,
+                    batch_size=cfg.eval_batch_size, device=device, dtype=dtype)
+    response_ids = generate(model, prompt_ids, **settings, desc=desc)
+    responses = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+    sample_prompts, sample_prompt_ids = [p for p in prompts for _ in range(k)], [p for p in prompt_ids for _ in range(k)]
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(cfg.seed)  # the same samples whenever this model is evaluated; training's generator untouched
+        sample_ids = generate(model, sample_prompt_ids, **settings, do_sample=True) if k else []
+    samples = tokenizer.batch_decode(sample_ids, skip_special_tokens=True)
+    metrics = {}
+    if not cfg.sft_data:  # the built-in task: its instruction can be checked (on the prompts that ask for a list)
+        metrics["instruction"] = mean_of([instruction_score(p, y) for p, y in zip(prompts, responses)])
+        metrics["instruction_sampled"] = mean_of([instruction_score(p, y) for p, y in zip(sample_prompts, samples)])
+        metrics = {m: v for m, v in metrics.items() if v is not None}  # none asked (a tiny --eval_size) or no samples
+    metrics |= {"rougeL": sum(rouge_l_f1(y, r["reference"]) for y, r in zip(responses, test_rows)) / n,
+                "length": sum(len(ids) - (ids[-1:] == [tokenizer.eos_token_id]) for ids in response_ids) / n}
     outputs = {"responses": responses, "scores": None}
     if score_fn is not None:
-        outputs["scores"] = score_fn([r["prompt"] for r in test_rows], responses, prompt_ids, response_ids)
+        outputs["scores"] = score_fn(prompts, responses, prompt_ids, response_ids)
         metrics["reward"] = sum(outputs["scores"]) / n
+        if k:
+            metrics["reward_sampled"] = mean_of(score_fn(sample_prompts, samples, sample_prompt_ids, sample_ids))
         if against is not None:
             metrics["win_rate"] = win_rate(outputs["scores"], against["scores"])
     return metrics, outputs
+
+def mean_of(values: list) -> float | None:
+    """The mean of the values that are not None (None if there are none)."""
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
 
 def preference_scorer(builtin: bool, reward_model, independent: bool, tokenizer, cfg, device, dtype):
     """(score_fn, its name): the gold reward on the built-in task; on real data a reward model's score of the
@@ -741,10 +762,15 @@ def preference_scorer(builtin: bool, reward_model, independent: bool, tokenizer,
 # ############################################################################################################
 
 # ==== The built-in task: a miniature of the papers' summarization setting ===================================
-# A document is a few facts "NAME VERB the OBJECT in the PLACE ." among filler sentences. The SFT reference
-# lists the facts "NAME VERB OBJECT" joined by " ; " (9 times in 10). The gold reward, the stand-in for human
-# preference, pays for correct content and for a style the references mostly lack: clauses joined by "and".
-# So instruction following (ROUGE-L) and preference (gold reward) partly conflict, as in the HBAT paper.
+# A document states 2-3 facts "NAME VERB the OBJECT in the PLACE .", maybe one negated distractor ("NAME never
+# VERB the OBJECT ...") and fillers; the summary is the facts, "NAME VERB OBJECT", joined into one response.
+# - Instruction following (the SFT skill): half the SFT prompts end "summary as a list :", and their references
+#   join every clause with " ; ". `instruction_score` checks that format. The preference data has no such
+#   prompt, so it neither teaches nor rewards the skill, and preference-only training erodes it.
+# - Human preference (the gold reward, behind the preference labels): the facts stated, nothing else (the
+#   negated distractor left out), and, on plain "summary :" prompts, clauses joined by "and", a style the
+#   references rarely use (1 join in 10). Content: both data sets agree; style: they partly conflict.
+# The best policy on both axes (`oracle_summary`) lists on list prompts and says "and" elsewhere.
 
 NAMES = "alice bob carol dave erin frank grace heidi ivan judy mallory oscar peggy trent victor wendy".split()
 VERBS = "found painted sold bought moved cleaned fixed lost washed opened".split()
@@ -753,19 +779,26 @@ PLACES = "park garden kitchen school market office harbor library station museum
 FILLERS = ["the weather was calm .", "nothing else happened .", "it was a long day .", "everyone went home later .",
            "the news spread quickly .", "nobody saw it coming ."]
 TASK_SPECIALS, STYLE_BONUS = ["<pad>", "<unk>", "<eos>"], 0.5  # the bonus for joining every pair of clauses with "and"
-_FACT = re.compile(r"(\w+) (\w+) the (\w+) in the (\w+) \.")
+PROSE, LIST = " summary :", " summary as a list :"  # the two ways a prompt ends
+_FACT = re.compile(r"(?:(?<=: )|(?<=\. ))(\w+) (\w+) the (\w+) in the (\w+) \.")  # a whole sentence: "x never ..." is not one
 
 def task_vocabulary() -> list[str]:
-    words = {w for s in FILLERS for w in s.split()} | {"summarize", "summary", ":", ";", "and", "the", "in", "."}
+    words = {w for s in FILLERS + [PROSE, LIST] for w in s.split()} | {"summarize", ";", "and", "the", "in", ".", "never"}
     return TASK_SPECIALS + sorted(words | set(NAMES) | set(VERBS) | set(OBJECTS) | set(PLACES))
 
-def make_document(rng: random.Random) -> tuple[str, list[tuple[str, str, str]]]:
-    """A prompt and its facts (name, verb, object): 1-3 facts with distinct names, 0-2 fillers."""
-    facts = [(name, rng.choice(VERBS), rng.choice(OBJECTS)) for name in rng.sample(NAMES, rng.randint(1, 3))]
+def make_document(rng: random.Random, negated_rate: float, list_rate: float):
+    """(prompt, facts [(name, verb, object)], the negated fact or None, asks for a list): 2-3 facts with
+    distinct names, a negated one with probability negated_rate, 0-2 fillers, the list directive with list_rate."""
+    names = rng.sample(NAMES, rng.randint(2, 3) + 1)
+    facts = [(name, rng.choice(VERBS), rng.choice(OBJECTS)) for name in names[:-1]]
     sentences = [f"{n} {v} the {o} in the {rng.choice(PLACES)} ." for n, v, o in facts]
+    negated = (names[-1], rng.choice(VERBS), rng.choice(OBJECTS)) if rng.random() < negated_rate else None
+    if negated:
+        sentences.insert(rng.randint(0, len(sentences)), f"{negated[0]} never {negated[1]} the {negated[2]} in the {rng.choice(PLACES)} .")
     for filler in rng.sample(FILLERS, rng.randint(0, 2)):
         sentences.insert(rng.randint(0, len(sentences)), filler)
-    return "summarize : " + " ".join(sentences) + " summary :", facts
+    as_list = rng.random() < list_rate
+    return "summarize : " + " ".join(sentences) + (LIST if as_list else PROSE), facts, negated, as_list
 
 def summary(facts, joins: Iterable[bool] | None = None) -> str:
     """'NAME VERB OBJECT' per fact; clauses i and i+1 joined by ' and ' where joins[i], else ' ; '."""
@@ -773,61 +806,89 @@ def summary(facts, joins: Iterable[bool] | None = None) -> str:
     joins = list(joins) if joins is not None else [False] * (len(clauses) - 1)
     return clauses[0] + "".join((" and " if j else " ; ") + c for j, c in zip(joins, clauses[1:]))
 
-def gold_reward(prompt: str, response: str) -> float:
-    """(facts stated - clauses stating no fact of the document) / n_facts + STYLE_BONUS (joins made with 'and')
-    / (n_facts - 1). A reference summary scores 1.0; with every join an 'and', 1.5."""
-    facts = {(n, v, o) for n, v, o, _ in _FACT.findall(prompt)}
-    if not facts:
-        raise ValueError(f"gold_reward: no facts found in prompt {prompt!r}")
-    clauses, joins_with_and, current = [], 0, []
-    for word in response.split() + [";"]:
-        if word in (";", "and"):
+def _clauses(response: str) -> tuple[list[tuple], list[str]]:
+    """The response split at its joins: the clauses (word tuples) and the joins (';' or 'and')."""
+    clauses, joins, current = [], [], []
+    for word in response.split() + [None]:
+        if word in (";", "and", None):
             clauses.append(tuple(current))
-            current, joins_with_and = [], joins_with_and + (word == "and")
+            current = []
+            joins += [word] if word else []
         else:
             current.append(word)
+    return clauses, joins
+
+def _prompt_facts(prompt: str) -> set:
+    facts = {(n, v, o) for n, v, o, _ in _FACT.findall(prompt)}
+    if not facts:
+        raise ValueError(f"built-in task: no facts found in prompt {prompt!r}")
+    return facts
+
+def gold_reward(prompt: str, response: str) -> float:
+    """(facts stated - clauses stating no fact of the document) / n_facts, plus on a plain prompt STYLE_BONUS
+    (joins made with 'and') / (n_facts - 1). A reference scores 1.0; on a plain prompt with every join an 'and', 1.5."""
+    facts = _prompt_facts(prompt)
+    clauses, joins = _clauses(response)
     stated = set()
-    for clause in clauses:  # a repeated, empty or invented clause counts against
+    for clause in clauses:  # a repeated, empty, negated or invented clause counts against
         if clause in facts and clause not in stated:
             stated.add(clause)
-    style = min(joins_with_and, len(facts) - 1) / (len(facts) - 1) if len(facts) > 1 else 0.0
+    styled = not prompt.endswith(LIST) and len(facts) > 1
+    style = min(joins.count("and"), len(facts) - 1) / (len(facts) - 1) if styled else 0.0
     return (len(stated) - (len(clauses) - len(stated))) / len(facts) + STYLE_BONUS * style
 
-def _candidate_summary(rng: random.Random, prompt_facts) -> str:
-    """A plausible summary with random joins and, now and then, a fact dropped or a wrong object or name."""
-    facts = list(prompt_facts)
-    if len(facts) > 1 and rng.random() < 0.15:
+def instruction_score(prompt: str, response: str) -> float | None:
+    """On a prompt that asks for a list: the joins made with ' ; ', over max(joins made, n_facts - 1), in [0, 1]
+    (a list of every fact scores 1; 'and' joins or missing clauses lose). None on other prompts: no instruction."""
+    if not prompt.endswith(LIST):
+        return None
+    _, joins = _clauses(response)
+    return joins.count(";") / max(len(joins), len(_prompt_facts(prompt)) - 1)
+
+def oracle_summary(prompt: str) -> str:
+    """The best response on both axes, written by hand: every fact, joined with ' ; ' on a list prompt, 'and' elsewhere."""
+    facts = [(n, v, o) for n, v, o, _ in _FACT.findall(prompt)]
+    return summary(facts, [not prompt.endswith(LIST)] * (len(facts) - 1))
+
+def _candidate_summary(rng: random.Random, facts, negated) -> str:
+    """A plausible summary: one style throughout ('and' or ' ; '), now and then a fact dropped, a wrong object or
+    name, or the negated fact stated as if true."""
+    facts = list(facts)
+    if rng.random() < 0.15:
         facts.pop(rng.randrange(len(facts)))
     if rng.random() < 0.15:
         i = rng.randrange(len(facts))
         n, v, o = facts[i]
         facts[i] = (n, v, rng.choice(OBJECTS)) if rng.random() < 0.5 else (rng.choice(NAMES), v, o)
-    return summary(facts, [rng.random() < 0.5 for _ in facts[1:]])
+    if negated and rng.random() < 0.5:
+        facts.insert(rng.randint(0, len(facts)), negated)
+    return summary(facts, [rng.random() < 0.5] * (len(facts) - 1))
 
 def builtin_task(seed: int = 0, n_sft: int = 3000, n_pref: int = 2000, n_test: int = 100, bt_scale: float = 4.0,
                  and_rate: float = 0.1, avoid: Iterable[str] = ()) -> dict:
-    """SFT rows (prompt, completion); preference rows (prompt, chosen, rejected) labelled by the gold reward
-    with Bradley-Terry noise, P(a preferred) = sigmoid(bt_scale (r_a - r_b)); test rows whose prompts are in
-    neither training set (nor in `avoid`). Like real annotators, the reference writers use 'and' now and
-    then (and_rate), so an SFT model keeps a little mass on the preferred style."""
+    """SFT rows (prompt, completion): half ask for a list, 1 in 5 has a negated distractor. Preference rows
+    (prompt, chosen, rejected): plain prompts only, 3 in 5 with a distractor, labelled by the gold reward with
+    Bradley-Terry noise, P(a preferred) = sigmoid(bt_scale (r_a - r_b)). Test rows: half lists, half with a
+    distractor, prompts in neither training set (nor in `avoid`). Like real annotators, the reference writers
+    use 'and' now and then on plain prompts (and_rate), so an SFT model keeps a little mass on that style."""
     rng, test, seen = random.Random(seed), [], set(avoid)
-    reference = lambda facts: summary(facts, [rng.random() < and_rate for _ in facts[1:]])  # noqa: E731
+    reference = lambda facts, as_list: summary(facts, [not as_list and rng.random() < and_rate for _ in facts[1:]])  # noqa: E731
     while len(test) < n_test:
-        prompt, facts = make_document(rng)
+        prompt, facts, _, as_list = make_document(rng, 0.5, 0.5)
         if prompt not in seen:
             seen.add(prompt)
-            test.append({"prompt": prompt, "completion": reference(facts)})
+            test.append({"prompt": prompt, "completion": reference(facts, as_list)})
 
-    def fresh_document():  # a training document whose prompt is not a test prompt
-        while (document := make_document(rng))[0] in seen:
+    def fresh_document(negated_rate, list_rate):  # a training document whose prompt is not a test prompt
+        while (document := make_document(rng, negated_rate, list_rate))[0] in seen:
             pass
         return document
 
-    sft = [{"prompt": p, "completion": reference(f)} for p, f in (fresh_document() for _ in range(n_sft))]
+    sft = [{"prompt": p, "completion": reference(f, as_list)} for p, f, _, as_list in (fresh_document(0.2, 0.5) for _ in range(n_sft))]
     pref = []
     while len(pref) < n_pref:
-        prompt, facts = fresh_document()
-        a, b = _candidate_summary(rng, facts), _candidate_summary(rng, facts)
+        prompt, facts, negated, _ = fresh_document(0.6, 0.0)
+        a, b = _candidate_summary(rng, facts, negated), _candidate_summary(rng, facts, negated)
         if a != b:
             p_a = 1.0 / (1.0 + math.exp(-bt_scale * (gold_reward(prompt, a) - gold_reward(prompt, b))))
             chosen, rejected = (a, b) if rng.random() < p_a else (b, a)
@@ -1342,6 +1403,7 @@ class TrainConfig:
     temperature: float = 1.0  # rollout sampling temperature (PPO's log-probs use the same) (0, inf)
     # --- evaluation and output
     max_new_tokens: int = 32  # generation limit (evaluation and rollouts) [1, inf)
+    eval_samples: int = 4  # responses sampled at temperature 1 per test prompt, scored beside the greedy one (0 = greedy only) [0, inf)
     eval_batch_size: int = 64  # prompts per generation batch [1, inf)
     reward_model: str = ""  # real data: a reward model folder (same tokenizer) that scores evaluations
     output_dir: str = "runs/out"  # models, metrics.jsonl and results.json go here
@@ -1748,8 +1810,9 @@ def finish(run, results: dict, columns: dict[str, dict], legend: str, examples: 
         shutil.rmtree(_held.replaced[1])
         _held.replaced = None
     release_lock()
-    print("\n" + format_table(columns) + f"\nrougeL: F1 against the reference (instruction following); reward: "
-          f"{results['reward_metric']}; length: response tokens; {legend}\n\nexample prompt: {results['examples'][0]['prompt']}")
+    print("\n" + format_table(columns) + "\n" + ("instruction: the list format kept where the prompt asks for a list; "
+          if not run.cfg.sft_data else "") + f"rougeL: F1 against the reference; reward: {results['reward_metric']}; "
+          f"*_sampled: over {run.cfg.eval_samples} responses per prompt at temperature 1; length: response tokens; {legend}\n\nexample prompt: {results['examples'][0]['prompt']}")
     for key in ("reference", *examples):
         print(f"  {key + ':':11}{results['examples'][0][key]}")
     print(f"\nsaved {', '.join(map(str, [*saved, run.out / 'results.json']))}")
@@ -1757,11 +1820,12 @@ def finish(run, results: dict, columns: dict[str, dict], legend: str, examples: 
 
 def format_table(columns: dict[str, dict]) -> str:
     """Models side by side: one column per model, one row per metric."""
-    width = max(12, *map(len, columns))
-    lines = ["metric".ljust(12) + "".join(n.rjust(width + 2) for n in columns)]
-    for m in dict.fromkeys(k for c in columns.values() for k in c):
+    width, metrics = max(12, *map(len, columns)), list(dict.fromkeys(k for c in columns.values() for k in c))
+    first = max(12, *map(len, metrics))
+    lines = ["metric".ljust(first) + "".join(n.rjust(width + 2) for n in columns)]
+    for m in metrics:
         cells = [c.get(m) for c in columns.values()]
-        lines.append(m.ljust(12) + "".join((f"{c:.3f}" if isinstance(c, float) else "n/a" if c is None else str(c)).rjust(width + 2) for c in cells))
+        lines.append(m.ljust(first) + "".join((f"{c:.3f}" if isinstance(c, float) else "n/a" if c is None else str(c)).rjust(width + 2) for c in cells))
     return "\n".join(lines)
 
 class LogLines:

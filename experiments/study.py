@@ -1,5 +1,6 @@
 """The evidence study: each method and its baseline over several seeds, one command per table.
 
+    python experiments/study.py premise      # the built-in task's premise checks: SFT, two-stage's tax, the oracle's headroom
     python experiments/study.py ewc          # HBAT-DPO: EWC normalisation and strength M, against two-stage and plain alternation
     python experiments/study.py ablations    # HBAT-DPO regularisers: hbat / released / fisher / freeze / random / none
     python experiments/study.py beta         # two-stage vs HBAT over the DPO beta
@@ -35,7 +36,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "runs" / "study"
-METRICS = ("rougeL", "reward")
+METRICS = ("instruction", "rougeL", "reward")
+SAMPLED = ("instruction_sampled", "reward_sampled")  # means over 4 samples per prompt at temperature 1
 
 # An arm: (name, script, arguments, the results.json key of its final model). Every setting that the
 # study compares is spelled out, so the tables do not change when a default does.
@@ -94,6 +96,9 @@ SMOLLM2_LD = [*SMOLLM2[:-1], "2e-5", "--sft_epochs", "1", "--pref_lr", "5e-6", "
               "--compare", *GUIDE]
 
 TABLES = {
+    # the task's premise checks (README): the SFT model, two-stage's tax on it, and the hand-written oracle's headroom
+    "premise": {"baseline": "two-stage dpo", "oracle": True, "metrics": METRICS + SAMPLED, "arms": [
+        ("sft (the two-stage SFT model)", "two_stage_baseline.py", [], "sft"), TWO_STAGE]},
     "ewc": {"baseline": "two-stage dpo", "arms": [
         TWO_STAGE,
         hbat("hbat none (plain alternation)", "--ewc", "none"),
@@ -198,26 +203,59 @@ def ewc_shares(results: list[dict]) -> str:
     return " / ".join(f"{min(v):.2g}-{max(v):.2g}" for v in shares.values())
 
 
-def report(table: str, arms: list, baseline: str, runs: dict, seeds: list[int]) -> str:
+def report(table: str, arms: list, baseline: str, runs: dict, seeds: list[int], metrics=METRICS) -> str:
     """Markdown: mean +- sd per arm, and each arm minus the baseline, paired by seed (and HBAT's ewc_share)."""
     shares = {name: ewc_shares([runs[name, s]["results"] for s in seeds]) if key.startswith("hbat") else ""
               for name, _, _, key in arms}
-    columns = ["arm", "rougeL", "gold reward", "rougeL - baseline", "reward - baseline", "ahead on rougeL / reward"]
+    columns = ["arm", *metrics, *[f"{m} - baseline" for m in METRICS], f"ahead on {' / '.join(METRICS)}"]
     columns += ["ewc_share sft / pref"] if any(shares.values()) else []
     lines = [(f"### {table}: mean +- sd over seeds {' '.join(map(str, seeds))}; paired: arm minus {baseline}, "
               f"same seed (mean +- sd of the difference; seeds where the arm is ahead)"), "",
              "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for name, *_ in arms:
         finals = [runs[name, s]["final"] for s in seeds]
-        cells = [name] + [mean_sd([f[m] for f in finals]) for m in METRICS]
+        cells = [name] + [mean_sd([f[m] for f in finals]) for m in metrics]
         if name == baseline:
-            cells += ["", "", ""]
+            cells += [""] * (len(METRICS) + 1)
         else:
             diffs = {m: [runs[name, s]["final"][m] - runs[baseline, s]["final"][m] for s in seeds] for m in METRICS}
             cells += [mean_sd(diffs[m]) for m in METRICS]
             cells.append(" / ".join(f"{sum(d > 0 for d in diffs[m])}/{len(seeds)}" for m in METRICS))
         cells += [shares[name]] if any(shares.values()) else []
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def oracle_metrics(seed: int, eval_size: int = 100) -> dict:
+    """The hand-written oracle (every fact; the list where asked, "and" elsewhere) on a seed's test prompts."""
+    sys.path.insert(0, str(REPO))
+    import common as C
+
+    rows = C.builtin_task(seed, 0, 0, eval_size)["test"]
+    answers = [C.oracle_summary(r["prompt"]) for r in rows]
+    return {"instruction": C.mean_of([C.instruction_score(r["prompt"], a) for r, a in zip(rows, answers)]),
+            "rougeL": statistics.mean(C.rouge_l_f1(a, r["completion"]) for r, a in zip(rows, answers)),
+            "reward": statistics.mean(C.gold_reward(r["prompt"], a) for r, a in zip(rows, answers))}
+
+
+def premise_checks(runs: dict, seeds: list[int]) -> str:
+    """(d) two-stage's tax: its instruction score below its own SFT model's while its reward rises; (c) headroom:
+    the oracle against two-stage, in units of two-stage's seed sd."""
+    sft = [runs["sft (the two-stage SFT model)", s]["final"] for s in seeds]
+    two = [runs["two-stage dpo", s]["final"] for s in seeds]
+    oracle = [oracle_metrics(s) for s in seeds]
+    lines = ["| premise check | mean +- sd over seeds | per seed |", "|---|---|---|"]
+    for label, a, b, m in [("(d) tax: two-stage instruction - its SFT model's (must be <= -0.05)", two, sft, "instruction"),
+                           ("(d) two-stage reward - its SFT model's (must be > 0)", two, sft, "reward"),
+                           ("(c) headroom: oracle instruction - two-stage's", oracle, two, "instruction"),
+                           ("(c) headroom: oracle reward - two-stage's", oracle, two, "reward")]:
+        diffs = [x[m] - y[m] for x, y in zip(a, b)]
+        lines.append(f"| {label} | {mean_sd(diffs)} | {' '.join(f'{d:+.3f}' for d in diffs)} |")
+    for m in ("instruction", "reward"):
+        sd = statistics.stdev([t[m] for t in two]) if len(two) > 1 else 0.0
+        gap = statistics.mean(o[m] - t[m] for o, t in zip(oracle, two))
+        lines.append(f"| (c) headroom on {m} in two-stage seed sds | {gap / sd if sd else float('inf'):.1f} sd (sd {sd:.3f}) | |")
+    lines.append(f"| oracle (instruction, rougeL, reward) | {', '.join(mean_sd([o[m] for o in oracle]) for m in METRICS)} | |")
     return "\n".join(lines)
 
 
@@ -232,7 +270,7 @@ def plot(path: Path, panels: int, draw) -> None:
     for i, ax in enumerate(axes[0]):
         draw(ax, i)
         ax.set_xlabel("gold reward (preference)")
-        ax.set_ylabel("rougeL (instruction following)")
+        ax.set_ylabel("instruction (the list format kept)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -243,8 +281,8 @@ def plot(path: Path, panels: int, draw) -> None:
 def point(ax, finals: list[dict], seeds: list[int], **style):
     """Mean rougeL against mean gold reward, error bars one sd over the seeds."""
     sd = lambda m: statistics.stdev(f[m] for f in finals) if len(seeds) > 1 else 0  # noqa: E731
-    return ax.errorbar(statistics.mean(f["reward"] for f in finals), statistics.mean(f["rougeL"] for f in finals),
-                       xerr=sd("reward"), yerr=sd("rougeL"), marker="o", capsize=3, **style)
+    return ax.errorbar(statistics.mean(f["reward"] for f in finals), statistics.mean(f["instruction"] for f in finals),
+                       xerr=sd("reward"), yerr=sd("instruction"), marker="o", capsize=3, **style)
 
 
 def figure(arms: list, runs: dict, seeds: list[int], path: Path) -> None:
@@ -253,14 +291,14 @@ def figure(arms: list, runs: dict, seeds: list[int], path: Path) -> None:
         for method in dict.fromkeys(name.rsplit(", ", 1)[0] for name, *_ in arms):
             points = [(name.rsplit(", ", 1)[1], [runs[name, s]["final"] for s in seeds]) for name, *_ in arms
                       if name.rsplit(", ", 1)[0] == method]
-            xy = [(statistics.mean(f["reward"] for f in finals), statistics.mean(f["rougeL"] for f in finals)) for _, finals in points]
+            xy = [(statistics.mean(f["reward"] for f in finals), statistics.mean(f["instruction"] for f in finals)) for _, finals in points]
             line = ax.plot(*zip(*xy), "-", label=method)[0]
             for (knob, finals), (x, y) in zip(points, xy):
                 point(ax, finals, seeds, color=line.get_color())
                 ax.annotate(knob, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8, color=line.get_color())
         sft = [runs[arms[0][0], s]["results"].get("sft") for s in seeds]
         if all(sft):
-            ax.plot(statistics.mean(f["reward"] for f in sft), statistics.mean(f["rougeL"] for f in sft), "k*", markersize=10,
+            ax.plot(statistics.mean(f["reward"] for f in sft), statistics.mean(f["instruction"] for f in sft), "k*", markersize=10,
                     label="SFT model (start of preference training)")
         ax.set_title(f"built-in task, tiny model: mean +- sd over {len(seeds)} seeds", fontsize=10)
     plot(path, 1, draw)
@@ -273,7 +311,7 @@ def hybrid_figure(tables: dict, seeds: list[int], path: Path) -> None:
         for name, *_ in arms:
             point(ax, [runs[name, s]["final"] for s in seeds], seeds, label=name)
         sft = [runs[arms[0][0], s]["results"]["two-stage sft"] for s in seeds]
-        ax.plot(statistics.mean(f["reward"] for f in sft), statistics.mean(f["rougeL"] for f in sft), "k*", markersize=10,
+        ax.plot(statistics.mean(f["reward"] for f in sft), statistics.mean(f["instruction"] for f in sft), "k*", markersize=10,
                 label="SFT model (two-stage)")
         ax.set_title(f"{table.split('_')[1].upper()}: mean +- sd over {len(seeds)} seeds (tiny model, built-in task)", fontsize=10)
     plot(path, len(tables), draw)
@@ -307,7 +345,9 @@ def main() -> None:
                                                   commands)))
         runs = {(name, seed): {"final": results[script, tuple(args), seed][key], "results": results[script, tuple(args), seed]}
                 for seed in known.seeds for name, script, args, key in spec["arms"]}
-        text = report(table, spec["arms"], spec["baseline"], runs, known.seeds)
+        text = report(table, spec["arms"], spec["baseline"], runs, known.seeds, spec.get("metrics", METRICS))
+        if spec.get("oracle"):
+            text += "\n\n" + premise_checks(runs, known.seeds)
         print("\n" + text + f"\n\n({time.time() - start:.0f} s)\n", flush=True)
         if spec.get("figure") == "hybrid.png":
             finished[table] = (spec["arms"], runs)

@@ -19,6 +19,9 @@ cfg = C.TrainConfig(batch_size=8, grad_accum_steps=2, sft_epochs=2, pref_epochs=
 C.init_distributed(cfg)
 device, dtype = torch.device("cpu"), torch.float32
 model, tokenizer = C.load_model_and_tokenizer(model_dir)
+model.double()  # float64: summing in another order (over ranks) moves no weight by more than rounding, even through
+# Adam's m / sqrt(v), which magnifies float32 noise in elements whose gradient is near zero
+C.pick_dtype = lambda *_: torch.float64  # and FSDP's forward in float64 too (its mixed-precision policy takes this dtype)
 C.disable_dropout(model)
 C.place(model, cfg, device)
 task = C.builtin_task(0, n_sft=11, n_pref=11, n_test=1)

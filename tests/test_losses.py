@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import math
 import random
+import re
 import statistics
 
 import pytest
@@ -357,7 +358,8 @@ def test_dpo_sgd_step_raises_chosen_and_lowers_rejected_logratio(tiny):
     batch = common.collate_pairs(pairs, tokenizer.pad_token_id)
     with torch.no_grad():
         ref_c, ref_r, _ = common.concatenated_logps(reference, batch)
-    optimizer = torch.optim.SGD(policy.parameters(), lr=0.5)
+    # a small step: these are first-order claims (at lr 0.5 the step overshoots one pair's rejected log-prob)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.05)
     policy.train()
     pol_c, pol_r, _ = common.concatenated_logps(policy, batch)
     losses, _, _ = common.dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=0.1)
@@ -561,6 +563,8 @@ def _cfg(**overrides):
 
 def _sft_examples(tokenizer, n=16):
     rows = common.builtin_task(seed=3, n_sft=n, n_pref=1, n_test=1)["sft"]
+    for row in rows[::3]:  # the task's references are 2 or 3 clauses: a third cut to one, for a third length
+        row["completion"] = " ".join(row["completion"].split()[:3])
     examples, counts = common.tokenize_sft(rows, tokenizer, 128, 100)
     assert (counts["prompt_cut"], counts["response_cut"], counts["skipped"]) == (0, 0, 0)
     lengths = {sum(l != IGNORE_INDEX for l in e["labels"]) for e in examples}
@@ -799,29 +803,82 @@ def test_gold_reward_by_hand():
         common.gold_reward("summarize : the weather was calm . summary :", "anything")
 
 
+NEGATED = ("summarize : alice found the car in the park . carol never lost the door in the school . "
+           "bob sold the lamp in the market . summary :")
+LIST = PROMPT.replace(" summary :", " summary as a list :")
+
+
+def test_gold_reward_leaves_out_negated_facts_and_pays_style_only_on_plain_prompts():
+    # the negated sentence is no fact: stating it is an invented clause, (2 - 1) / 2; its "never" form is no fact either
+    assert common.gold_reward(NEGATED, "alice found car ; bob sold lamp") == pytest.approx(1.0)
+    assert common.gold_reward(NEGATED, "alice found car ; carol lost door ; bob sold lamp") == pytest.approx(0.5)
+    assert common.gold_reward(NEGATED, "alice found car and carol lost door and bob sold lamp") == pytest.approx(0.5 + 0.5)
+    # a list prompt: the same content score, no style bonus for "and"
+    assert common.gold_reward(LIST, "alice found car ; bob sold lamp") == pytest.approx(1.0)
+    assert common.gold_reward(LIST, "alice found car and bob sold lamp") == pytest.approx(1.0)
+
+
+def test_instruction_score_by_hand():
+    # None where no list is asked for; on a list prompt: ";" joins / max(joins made, n_facts - 1)
+    assert common.instruction_score(PROMPT, "alice found car and bob sold lamp") is None
+    assert common.instruction_score(LIST, "alice found car ; bob sold lamp") == pytest.approx(1.0)
+    assert common.instruction_score(LIST, "alice found car and bob sold lamp") == pytest.approx(0.0)
+    assert common.instruction_score(LIST, "alice found car") == pytest.approx(0.0)  # no list of one fact in two
+    assert common.instruction_score(LIST, "") == pytest.approx(0.0)
+    assert common.instruction_score(LIST, "alice found car ; bob sold lamp and dave lost clock") == pytest.approx(0.5)
+    list3 = PROMPT3.replace(" summary :", " summary as a list :")
+    assert common.instruction_score(list3, "carol fixed door ; dave lost book and erin moved boat") == pytest.approx(0.5)
+    assert common.instruction_score(list3, "carol fixed door ; dave lost book") == pytest.approx(0.5)  # 1 of 2 joins
+    assert common.mean_of([None, 1.0, None, 0.0, 0.5]) == pytest.approx(0.5) and common.mean_of([None]) is None
+
+
+def test_oracle_is_best_on_both_axes():
+    """The oracle's answer: instruction 1 on list prompts, the top gold reward (1.5 plain, 1.0 list), on every document."""
+    rng = random.Random(3)
+    for _ in range(200):
+        prompt, facts, negated, as_list = common.make_document(rng, 0.5, 0.5)
+        answer = common.oracle_summary(prompt)
+        assert common.gold_reward(prompt, answer) == pytest.approx(1.0 if as_list else 1.5)
+        assert common.instruction_score(prompt, answer) == (1.0 if as_list else None)
+        assert negated is None or " ".join(negated) not in answer
+
+
 def test_gold_reward_on_builtin_documents():
     rng = random.Random(5)
     for _ in range(50):
-        prompt, facts = common.make_document(rng)
+        prompt, facts, negated, as_list = common.make_document(rng, 0.5, 0.5)
+        assert 2 <= len(facts) <= 3 and prompt.endswith(" summary as a list :" if as_list else " summary :")
+        assert (" never " in prompt) == (negated is not None)
         assert common.gold_reward(prompt, common.summary(facts)) == pytest.approx(1.0)
         styled = common.summary(facts, [True] * (len(facts) - 1))
-        assert common.gold_reward(prompt, styled) == pytest.approx(1.5 if len(facts) > 1 else 1.0)
-        if len(facts) > 1:
-            assert common.gold_reward(prompt, common.summary(facts[1:])) < 1.0  # a fact left out
+        assert common.gold_reward(prompt, styled) == pytest.approx(1.0 if as_list else 1.5)
+        assert common.gold_reward(prompt, common.summary(facts[1:])) < 1.0  # a fact left out
+        if negated:
+            assert common.gold_reward(prompt, common.summary([*facts, negated])) < 1.0  # the negated fact stated
     task = common.builtin_task(seed=1, n_sft=50, n_pref=5, n_test=20, and_rate=0.0)
     for row in task["sft"] + task["test"]:
         assert " and " not in row["completion"]
         assert common.gold_reward(row["prompt"], row["completion"]) == pytest.approx(1.0)
-    # by default a few reference joins are 'and': each such reference earns its pro-rata style bonus
-    task = common.builtin_task(seed=1, n_sft=200, n_pref=5, n_test=20)
+    # by default a few reference joins are 'and', on plain prompts only: each earns its pro-rata style bonus
+    task = common.builtin_task(seed=1, n_sft=400, n_pref=300, n_test=20)
     n_and_rows = 0
     for row in task["sft"] + task["test"]:
         words = row["completion"].split()
         n_and, n_facts = words.count("and"), words.count("and") + words.count(";") + 1
         n_and_rows += n_and > 0
-        expected = 1.0 + (0.5 * n_and / (n_facts - 1) if n_facts > 1 else 0.0)
+        if row["prompt"].endswith(" summary as a list :"):
+            assert n_and == 0 and common.instruction_score(row["prompt"], row["completion"]) == 1.0
+        expected = 1.0 + (0.5 * n_and / (n_facts - 1))
         assert common.gold_reward(row["prompt"], row["completion"]) == pytest.approx(expected)
-    assert 0 < n_and_rows < 0.5 * len(task["sft"])
+    assert 0 < n_and_rows < 0.2 * len(task["sft"])
+    # the rates the design asks for (README): half the SFT and test prompts lists, no preference prompt; distractors
+    # in 1 of 5 SFT prompts, 3 of 5 preference prompts, half the test prompts
+    share = lambda rows, text: sum(text in r["prompt"] for r in rows) / len(rows)  # noqa: E731
+    assert 0.4 < share(task["sft"], "as a list") < 0.6 and share(task["pref"], "as a list") == 0
+    assert 0.13 < share(task["sft"], " never ") < 0.27 and 0.5 < share(task["pref"], " never ") < 0.7
+    # preferences agree with the references on content: the chosen response states the negated fact less often
+    negated_stated = lambda r, key: any(" ".join(f) in r[key] for f in re.findall(r"(\w+) never (\w+) the (\w+)", r["prompt"]))  # noqa: E731
+    assert sum(negated_stated(r, "chosen") for r in task["pref"]) < sum(negated_stated(r, "rejected") for r in task["pref"])
 
 
 def test_builtin_task_split_and_determinism():
@@ -840,9 +897,9 @@ def test_builtin_task_split_and_determinism():
 
 def test_builtin_task_excludes_test_prompts_from_training(monkeypatch):
     """With only 5 possible documents, test prompts would surely reappear in training unless excluded."""
-    pool = [common.make_document(random.Random(i)) for i in range(5)]
-    assert len({p for p, _ in pool}) == 5
-    monkeypatch.setattr(common, "make_document", lambda rng: pool[rng.randrange(len(pool))])
+    pool = [common.make_document(random.Random(i), 0.5, 0.5) for i in range(5)]
+    assert len({p for p, *_ in pool}) == 5
+    monkeypatch.setattr(common, "make_document", lambda rng, *rates: pool[rng.randrange(len(pool))])
     task = common.builtin_task(seed=0, n_sft=40, n_pref=30, n_test=2)
     test_prompts = {r["prompt"] for r in task["test"]}
     assert len(test_prompts) == 2
@@ -897,8 +954,9 @@ def test_ppo_micro_batches_give_the_update_of_one_forward(tiny_dir, monkeypatch)
     assert _max_diff(policy_one, _params(start)) > 1e-4  # and the step did move the policy
 
 
-def test_precomputed_reference_logps_give_the_same_dpo_run(tiny_dir):
+def test_precomputed_reference_logps_give_the_same_dpo_run(tiny_dir, monkeypatch):
     """--precompute_ref_logps: no reference model, the same losses at every step and the same weights."""
+    _plain_sgd(monkeypatch)
     runs = []
     for precompute in (False, True):
         policy, tokenizer = common.load_model_and_tokenizer(str(tiny_dir))

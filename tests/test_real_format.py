@@ -52,7 +52,7 @@ def run_baseline(tmp, *args):
     cmd = [sys.executable, str(ROOT / "two_stage_baseline.py"), "--model", str(tmp / "model"),
            "--sft_data", str(tmp / "sft.jsonl"), "--pref_data", str(tmp / "pref.jsonl"), "--eval_size", "8",
            "--sft_epochs", "1", "--batch_size", "8", "--ppo_batch_size", "8", "--max_new_tokens", "8",
-           "--sft_lr", "1e-3", "--max_length", "128", "--max_prompt_length", "96", *args]
+           "--sft_lr", "1e-3", "--max_length", "192", "--max_prompt_length", "160", *args]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -64,7 +64,7 @@ def test_smoke_chat_data_gpt2_bpe_ppo_then_dpo_judged_by_its_reward_model(real_l
     run_baseline(real_like, "--pref", "ppo", "--output_dir", str(ppo_out))
     ppo = json.loads((ppo_out / "results.json").read_text())
     assert ppo["reward_metric"] == "score of the reward model PPO optimised (not independent)"
-    assert set(ppo["sft+ppo"]) == {"rougeL", "length", "reward", "win_rate"}
+    assert set(ppo["sft+ppo"]) == {"rougeL", "length", "reward", "reward_sampled", "win_rate"}
 
     dpo_out = real_like / "dpo"
     proc = run_baseline(real_like, "--pref", "dpo", "--reward_model", str(ppo_out / "reward_model"),
@@ -72,7 +72,7 @@ def test_smoke_chat_data_gpt2_bpe_ppo_then_dpo_judged_by_its_reward_model(real_l
     dpo = json.loads((dpo_out / "results.json").read_text())
     assert dpo["reward_metric"] == "--reward_model score"
     assert "win_rate" in dpo["sft+dpo"]
-    # 48 SFT rows in the file, the last 8 held out for evaluation; all 24 pairs used; nothing cut at --max_length 128
+    # 48 SFT rows in the file, the last 8 held out for evaluation; all 24 pairs used; nothing cut at --max_length 192
     sft, pref = real_like / "sft.jsonl", real_like / "pref.jsonl"
     assert f"SFT data: {sft}, split (the whole file): 40 of 40 rows used\n" in proc.stdout  # (the last 8 are held out: test)
     assert f"preference data: {pref}, split (the whole file): 24 of 24 rows used\n" in proc.stdout

@@ -74,11 +74,12 @@ def test_smoke_two_stage_baseline_end_to_end(script_run, pref):
     assert results["data"]["test"]["in_training"] == 0  # the built-in task's test prompts are in no training set
     assert results["reward_metric"] == "gold reward"
     assert results["config"]["pref"] == pref and results["config"]["output_dir"] == str(out)
-    assert {"rougeL", "length", "reward"} <= set(results["sft"])  # built-in task: gold reward
-    assert {"rougeL", "length", "reward", "win_rate"} <= set(results[f"sft+{pref}"])
+    sampled = {"instruction_sampled", "reward_sampled"}
+    assert set(results["sft"]) == {"instruction", "rougeL", "length", "reward", *sampled}  # built-in task: gold reward
+    assert set(results[f"sft+{pref}"]) == {"instruction", "rougeL", "length", "reward", "win_rate", *sampled}
     for metrics in (results["sft"], results[f"sft+{pref}"]):
         assert all(isinstance(v, float) for v in metrics.values())
-        assert 0.0 <= metrics["rougeL"] <= 1.0
+        assert 0.0 <= metrics["rougeL"] <= 1.0 and 0.0 <= metrics["instruction"] <= 1.0 and 0.0 <= metrics["instruction_sampled"] <= 1.0
     assert 0.0 <= results[f"sft+{pref}"]["win_rate"] <= 1.0
     assert len(results["examples"]) == 5
     assert all(set(e) == {"prompt", "reference", "sft", f"sft+{pref}"} for e in results["examples"])
