@@ -181,6 +181,7 @@ def train_guide(guide: nn.Module, optimizer, seqs: list[dict], cfg, *, pad_id: i
     mean loss. On N ranks each takes its share of a batch, its loss weighted by its share of the tokens."""
     guide.train()
     order_rng, params = torch.Generator().manual_seed(seed), list(guide.parameters())
+    bar = C.progress(cfg.guide_epochs * -(-len(seqs) // cfg.batch_size), desc)
     for epoch in range(cfg.guide_epochs):
         order, losses = torch.randperm(len(seqs), generator=order_rng).tolist(), []
         for start in range(0, len(order), cfg.batch_size):
@@ -195,8 +196,11 @@ def train_guide(guide: nn.Module, optimizer, seqs: list[dict], cfg, *, pad_id: i
             C.sync_gradients(params)
             C.optimizer_step(params, optimizer, cfg.max_grad_norm, f"{desc}, epoch {epoch + 1}")
             losses.append(loss_value)
+            bar.set_postfix_str(f"loss/guide={loss_value:.3g}", refresh=False)
+            bar.update()
         if log is not None:
             log({"stage": desc, "epoch": epoch + 1, "loss/guide": sum(losses) / len(losses)})
+    bar.close()
     return sum(losses) / len(losses)
 
 

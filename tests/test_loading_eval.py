@@ -384,6 +384,9 @@ def test_evaluate_metrics_by_hand(trained_dir):
     assert metrics["instruction_sampled"] == pytest.approx(statistics.mean(c for c in scored if c is not None))
     greedy_only, _ = common.evaluate(model, tok, rows, dataclasses.replace(cfg, eval_samples=0), device=CPU, dtype=F32, score_fn=gold_scorer)
     assert greedy_only == {k: v for k, v in metrics.items() if not k.endswith("_sampled")}
+    plain_rows = [r for r in rows if not r["prompt"].endswith(common.LIST)]  # no prompt asks for a list: no instruction score
+    plain, _ = common.evaluate(model, tok, plain_rows, cfg, device=CPU, dtype=F32, score_fn=gold_scorer)
+    assert plain_rows and "instruction" not in plain and "instruction_sampled" not in plain and "reward_sampled" in plain
 
     again, _ = common.evaluate(model, tok, rows, cfg, device=CPU, dtype=F32, score_fn=gold_scorer, against=outputs)
     assert again["win_rate"] == 0.5
