@@ -1,6 +1,7 @@
 """The evidence study: each method and its baseline over several seeds, one command per table.
 
     python experiments/study.py premise      # the built-in task's premise checks: SFT, two-stage's tax, the oracle's headroom
+    python experiments/study.py main         # DPO at equal budgets: two-stage, joint, HBAT (default, released EWC, no penalty)
     python experiments/study.py ewc          # HBAT-DPO: EWC normalisation and strength M, against two-stage and plain alternation
     python experiments/study.py ablations    # HBAT-DPO regularisers: hbat / released / fisher / freeze / random / none
     python experiments/study.py beta         # two-stage vs HBAT over the DPO beta
@@ -14,12 +15,15 @@
     python experiments/study.py smollm2_ld --seeds 0 1 2   # SPIN vs LD-Align on SmolLM2-135M-Instruct (reduced; ~35 min)
     python experiments/study.py curve --seeds 0 1 2 --jobs 1
 
-Every run is a plain command line of one of the scripts (printed), written to
-runs/study/<script>_<arguments>/seed<k>/; a run whose results.json exists is reused, so a table can be
-stopped and rerun, and tables (or arms) that share a command line share its runs. Each table prints mean +- sd over seeds of the final
-model's rougeL (instruction following) and gold reward (preference), and a paired comparison against
-the table's baseline: the mean +- sd of the per-seed difference, and on how many seeds the arm is
-ahead. `--jobs 2` (the default) runs two scripts at once with one thread each, which on 2 CPU cores is
+A cell is one command line of one of the scripts at one seed (printed). It trains in
+runs/study/<script>_<arguments>/seed<k>/ (its output in seed<k>.log beside it, a time limit of CELL_TIMEOUT),
+and as it finishes its results.json is kept in experiments/results/<script>_<arguments>/seed<k>.json with the
+command, the commit and its time. A cell whose file exists is never run again (delete the file to rerun it), so a
+table can be stopped and rerun, results can be committed as they come, and tables (or arms) that share a command
+line share its cells. Before it starts, a table prints how many cells it will run and about how long that takes.
+Each table prints mean +- sd over seeds of the final model's instruction, rougeL and gold reward, and a paired
+comparison against the table's baseline: the mean +- sd of the per-seed difference, and on how many seeds the arm
+is ahead. `--jobs 2` (the default) runs two scripts at once with one thread each, which on 2 CPU cores is
 faster than one at a time with two threads (the tiny model is too small to use two threads well).
 Needs matplotlib for the figure (experiments/requirements.txt).
 """
@@ -35,7 +39,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-OUT = REPO / "runs" / "study"
+OUT = REPO / "runs" / "study"  # where cells train (not committed)
+RESULTS = REPO / "experiments" / "results"  # one small JSON file per finished cell (committed)
+CELL_TIMEOUT = 1800  # seconds: a cell that hangs fails the table instead of stalling it
+SECONDS = {"two_stage_baseline.py": 60, "hbat.py": 80, "hbat.py --compare": 200, "ld_align.py": 160, "ld_align.py --compare": 250}
+# ^ a cell's rough time with one thread (two at once on 2 cores), for the estimate printed before a table runs
 METRICS = ("instruction", "rougeL", "reward")
 SAMPLED = ("instruction_sampled", "reward_sampled")  # means over 4 samples per prompt at temperature 1
 
@@ -95,7 +103,24 @@ SMOLLM2_HBAT = [*SMOLLM2, "--n_pref", "128", "--pref_lr", "5e-6", "--pref", "dpo
 SMOLLM2_LD = [*SMOLLM2[:-1], "2e-5", "--sft_epochs", "1", "--pref_lr", "5e-6", "--iterations", "2", "--guide_lr", "1e-4",
               "--compare", *GUIDE]
 
+# The main table's budget: every arm takes the same preference steps and learning-rate mass. Batch 20 divides the
+# 3000 SFT rows and 2000 pairs and their shards for K in {1, 2, 5, 10} (no ragged last batch: two-stage's 100 DPO
+# steps = HBAT's 5 x 20), and no warm-up with a constant rate makes the learning-rate mass steps x lr in every arm
+# (the protocol allows at most 10% warm-up; 0 makes the mass exactly equal). SFT : preference lr = 5 : 1 (defaults).
+EQUAL_BUDGET = ("--batch_size", "20", "--warmup_steps", "0", "--lr_scheduler_type", "constant", "--schedule", "ours")
+MAIN = ["--pref", "dpo", *EQUAL_BUDGET]
+MAIN_COMPARE = [*MAIN, "--compare", "--joint_coef", "1", *DEFAULT_EWC]  # two-stage, joint and HBAT from one run per seed
+
 TABLES = {
+    # HBAT against two-stage and the joint objective at equal budgets, DPO (the design above, fixed before any result)
+    "main": {"baseline": "two-stage dpo", "metrics": METRICS + SAMPLED, "arms": [
+        ("sft (two-stage's SFT model)", "hbat.py", MAIN_COMPARE, "two-stage sft"),
+        ("two-stage dpo", "hbat.py", MAIN_COMPARE, "two-stage dpo"),
+        ("joint (dpo + 1 x SFT loss)", "hbat.py", MAIN_COMPARE, "joint dpo"),
+        ("hbat dpo (default EWC)", "hbat.py", MAIN_COMPARE, "hbat dpo"),
+        ("hbat dpo, the released EWC (softmax, M 100)", "hbat.py", [*MAIN, "--ewc", "released"], "hbat dpo"),
+        ("hbat dpo, no penalty (plain alternation, M 0)", "hbat.py", [*MAIN, "--ewc", "none"], "hbat dpo"),
+    ]},
     # the task's premise checks (README): the SFT model, two-stage's tax on it, and the hand-written oracle's headroom
     "premise": {"baseline": "two-stage dpo", "oracle": True, "metrics": METRICS + SAMPLED, "arms": [
         ("sft (the two-stage SFT model)", "two_stage_baseline.py", [], "sft"), TWO_STAGE]},
@@ -165,25 +190,43 @@ TABLES = {
 }
 
 
-def run_folder(root: Path, script: str, args: list[str], seed: int) -> Path:
-    """runs/study/<script>[_<args>]/seed<k>: arms that run the same command line share it."""
-    tag = re.sub(r"[^\w.]+", "_", " ".join([Path(script).stem, *args])).strip("_")
-    return root / tag / f"seed{seed}"
+def cell_tag(script: str, args: list[str]) -> str:
+    """<script>[_<args>]: arms that run the same command line share its cells."""
+    return re.sub(r"[^\w.]+", "_", " ".join([Path(script).stem, *args])).strip("_")
 
 
-def run(script: str, args: list[str], seed: int, threads: int, root: Path, smollm2: Path) -> dict:
-    """One script run, or the results.json it saved earlier."""
-    out = run_folder(root, script, args, seed)
-    if not (out / "results.json").exists():
-        args = [str(smollm2) if a == "SMOLLM2" else a for a in args]
-        command = [sys.executable, str(REPO / script), *args, "--seed", str(seed), "--output_dir", str(out), "--overwrite"]
-        start = time.time()
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-        proc = subprocess.run(command, check=False, cwd=REPO, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"failed: {' '.join(command[1:])}\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
-        print(f"  {time.time() - start:5.0f} s  {' '.join(command[1:-1])}", flush=True)
-    return json.loads((out / "results.json").read_text())
+def cell_seconds(script: str, args: list[str]) -> int:
+    return SECONDS.get(f"{script} --compare" if "--compare" in args else script, 120)
+
+
+def run(script: str, args: list[str], seed: int, threads: int, root: Path, results: Path, smollm2: Path) -> dict:
+    """One cell: its results from results/<tag>/seed<k>.json, or a run of the script that writes that file."""
+    cell = results / cell_tag(script, args) / f"seed{seed}.json"
+    if cell.exists():
+        return json.loads(cell.read_text())["results"]
+    out = root / cell_tag(script, args) / f"seed{seed}"
+    command = [sys.executable, str(REPO / script), *[str(smollm2) if a == "SMOLLM2" else a for a in args],
+               "--seed", str(seed), "--output_dir", str(out), "--overwrite"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log, start = out.parent / f"seed{seed}.log", time.time()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    try:
+        with open(log, "w") as log_file:
+            code = subprocess.run(command, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, timeout=CELL_TIMEOUT).returncode
+    except subprocess.TimeoutExpired:
+        code = f"timed out after {CELL_TIMEOUT} s"
+    if code != 0:
+        sys.exit(f"failed ({code}): {' '.join(command[1:])}\n{log.read_text()[-3000:]}\n(the whole output: {log})")
+    seconds = round(time.time() - start)
+    print(f"  {seconds:5d} s  {' '.join(command[1:-1])}", flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    finished = json.loads((out / "results.json").read_text())
+    cell.parent.mkdir(parents=True, exist_ok=True)
+    partial = cell.with_suffix(".partial")
+    partial.write_text(json.dumps({"command": [script, *args, "--seed", str(seed)], "commit": commit, "seconds": seconds,
+                                   "threads": threads, "results": finished}, indent=1) + "\n")
+    partial.replace(cell)  # the cell file appears whole or not at all
+    return finished
 
 
 def mean_sd(values: list[float]) -> str:
@@ -321,7 +364,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("table", choices=[*TABLES, "hybrid", "all"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--out", type=Path, default=OUT, help="where the runs go (default runs/study)")
+    parser.add_argument("--out", type=Path, default=OUT, help="where the cells train (default runs/study)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where finished cells are kept (default experiments/results)")
     parser.add_argument("--jobs", type=int, help="scripts run at once, each with cores // jobs threads (default: 2, "
                         "and 1 for the smollm2 tables)")
     parser.add_argument("--smollm2", type=Path, default=Path("/tmp/smollm2-135m"),
@@ -337,12 +381,15 @@ def main() -> None:
         jobs = known.jobs or spec.get("jobs", 2)
         threads = max(1, (os.cpu_count() or 2) // jobs)
         start = time.time()
-        print(f"{table}: {len(spec['arms'])} arms x {len(known.seeds)} seeds", flush=True)
         # each distinct command line once (LD-Align and SPIN both come from one ld_align.py --compare run)
         commands = list(dict.fromkeys((arm[1], tuple(arm[2]), seed) for seed in known.seeds for arm in spec["arms"]))
+        todo = [c for c in commands if not (known.results / cell_tag(c[0], list(c[1])) / f"seed{c[2]}.json").exists()]
+        estimate = sum(cell_seconds(c[0], list(c[1])) for c in todo) / jobs / 60
+        print(f"{table}: {len(commands)} cells, {len(commands) - len(todo)} already in {known.results}; "
+              f"{len(todo)} to run, about {estimate:.0f} min with --jobs {jobs}", flush=True)
         with ThreadPoolExecutor(jobs) as pool:
-            results = dict(zip(commands, pool.map(lambda c: run(c[0], list(c[1]), c[2], threads, known.out, known.smollm2),
-                                                  commands)))
+            results = dict(zip(commands, pool.map(lambda c: run(c[0], list(c[1]), c[2], threads, known.out, known.results,
+                                                                known.smollm2), commands)))
         runs = {(name, seed): {"final": results[script, tuple(args), seed][key], "results": results[script, tuple(args), seed]}
                 for seed in known.seeds for name, script, args, key in spec["arms"]}
         text = report(table, spec["arms"], spec["baseline"], runs, known.seeds, spec.get("metrics", METRICS))
