@@ -2,6 +2,8 @@
 
     python experiments/study.py premise      # the built-in task's premise checks: SFT, two-stage's tax, the oracle's headroom
     python experiments/study.py main         # DPO at equal budgets: two-stage, joint, HBAT (default, released EWC, no penalty)
+    python experiments/study.py m_sweep      # ... HBAT's preference-stage penalty M in {0, 1, 10, 100}
+    python experiments/study.py lr_ratio     # ... at the authors' SFT : preference learning rate 1 : 1
     python experiments/study.py ewc          # HBAT-DPO: EWC normalisation and strength M, against two-stage and plain alternation
     python experiments/study.py ablations    # HBAT-DPO regularisers: hbat / released / fisher / freeze / random / none
     python experiments/study.py beta         # two-stage vs HBAT over the DPO beta
@@ -120,6 +122,21 @@ TABLES = {
         ("hbat dpo (default EWC)", "hbat.py", MAIN_COMPARE, "hbat dpo"),
         ("hbat dpo, the released EWC (softmax, M 100)", "hbat.py", [*MAIN, "--ewc", "released"], "hbat dpo"),
         ("hbat dpo, no penalty (plain alternation, M 0)", "hbat.py", [*MAIN, "--ewc", "none"], "hbat dpo"),
+    ]},
+    # the preference-stage penalty M at the main table's budget (SFT stages keep M 1); M 0 and 100 are main's cells
+    "m_sweep": {"baseline": "two-stage dpo", "metrics": METRICS + SAMPLED, "arms": [
+        ("two-stage dpo", "hbat.py", MAIN_COMPARE, "two-stage dpo"),
+        ("hbat dpo, M 0 (no penalty)", "hbat.py", [*MAIN, "--ewc", "none"], "hbat dpo"),
+        *[(f"hbat dpo, M {m}", "hbat.py", [*MAIN, *sum_m("1", m)], "hbat dpo") for m in ("1", "10")],
+        ("hbat dpo, M 100 (default)", "hbat.py", MAIN_COMPARE, "hbat dpo"),
+    ]},
+    # SFT : preference learning rate 1 : 1 (the authors'), both at the preference rate 2e-4, otherwise main's budget
+    "lr_ratio": {"baseline": "two-stage dpo, lr 1:1", "metrics": METRICS + SAMPLED, "arms": [
+        ("sft (two-stage's SFT model), lr 1:1", "hbat.py", [*MAIN_COMPARE, "--sft_lr", "2e-4"], "two-stage sft"),
+        ("two-stage dpo, lr 1:1", "hbat.py", [*MAIN_COMPARE, "--sft_lr", "2e-4"], "two-stage dpo"),
+        ("joint (dpo + 1 x SFT loss), lr 1:1", "hbat.py", [*MAIN_COMPARE, "--sft_lr", "2e-4"], "joint dpo"),
+        ("hbat dpo (default EWC), lr 1:1", "hbat.py", [*MAIN_COMPARE, "--sft_lr", "2e-4"], "hbat dpo"),
+        ("hbat dpo, no penalty, lr 1:1", "hbat.py", [*MAIN, "--ewc", "none", "--sft_lr", "2e-4"], "hbat dpo"),
     ]},
     # the task's premise checks (README): the SFT model, two-stage's tax on it, and the hand-written oracle's headroom
     "premise": {"baseline": "two-stage dpo", "oracle": True, "metrics": METRICS + SAMPLED, "arms": [
