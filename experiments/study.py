@@ -123,11 +123,12 @@ TABLES = {
         ("hbat dpo, the released EWC (softmax, M 100)", "hbat.py", [*MAIN, "--ewc", "released"], "hbat dpo"),
         ("hbat dpo, no penalty (plain alternation, M 0)", "hbat.py", [*MAIN, "--ewc", "none"], "hbat dpo"),
     ]},
-    # the preference-stage penalty M at the main table's budget (SFT stages keep M 1); M 0 and 100 are main's cells
+    # the preference-stage penalty M at the main table's budget (SFT stages keep M 1); M 100 is main's cell, and so is
+    # --ewc none, which also drops the SFT stages' penalty (M 0 first stood for it; the M 0 row was added to separate the two)
     "m_sweep": {"baseline": "two-stage dpo", "metrics": METRICS + SAMPLED, "arms": [
         ("two-stage dpo", "hbat.py", MAIN_COMPARE, "two-stage dpo"),
-        ("hbat dpo, M 0 (no penalty)", "hbat.py", [*MAIN, "--ewc", "none"], "hbat dpo"),
-        *[(f"hbat dpo, M {m}", "hbat.py", [*MAIN, *sum_m("1", m)], "hbat dpo") for m in ("1", "10")],
+        ("hbat dpo, no penalty in any stage (--ewc none)", "hbat.py", [*MAIN, "--ewc", "none"], "hbat dpo"),
+        *[(f"hbat dpo, M {m}", "hbat.py", [*MAIN, *sum_m("1", m)], "hbat dpo") for m in ("0", "1", "10")],
         ("hbat dpo, M 100 (default)", "hbat.py", MAIN_COMPARE, "hbat dpo"),
     ]},
     # SFT : preference learning rate 1 : 1 (the authors'), both at the preference rate 2e-4, otherwise main's budget
