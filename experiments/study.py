@@ -3,6 +3,7 @@
     python experiments/study.py premise      # the built-in task's premise checks: SFT, two-stage's tax, the oracle's headroom
     python experiments/study.py main         # DPO at equal budgets: two-stage, joint, HBAT (default, released EWC, no penalty)
     python experiments/study.py m_sweep      # ... HBAT's preference-stage penalty M in {0, 1, 10, 100}
+    python experiments/study.py sft_m_sweep  # ... HBAT's SFT-stage penalty M in {0, 0.1, 1}
     python experiments/study.py lr_ratio     # ... at the authors' SFT : preference learning rate 1 : 1
     python experiments/study.py ewc          # HBAT-DPO: EWC normalisation and strength M, against two-stage and plain alternation
     python experiments/study.py ablations    # HBAT-DPO regularisers: hbat / released / fisher / freeze / random / none
@@ -130,6 +131,12 @@ TABLES = {
         ("hbat dpo, no penalty in any stage (--ewc none)", "hbat.py", [*MAIN, "--ewc", "none"], "hbat dpo"),
         *[(f"hbat dpo, M {m}", "hbat.py", [*MAIN, *sum_m("1", m)], "hbat dpo") for m in ("0", "1", "10")],
         ("hbat dpo, M 100 (default)", "hbat.py", MAIN_COMPARE, "hbat dpo"),
+    ]},
+    # the SFT stages' penalty M at the main table's budget (preference stages keep M 100); M 1 is main's cell
+    "sft_m_sweep": {"baseline": "two-stage dpo", "metrics": METRICS + SAMPLED, "arms": [
+        ("two-stage dpo", "hbat.py", MAIN_COMPARE, "two-stage dpo"),
+        *[(f"hbat dpo, SFT-stage M {m}", "hbat.py", [*MAIN, *sum_m(m, "100")], "hbat dpo") for m in ("0", "0.1")],
+        ("hbat dpo, SFT-stage M 1 (default)", "hbat.py", MAIN_COMPARE, "hbat dpo"),
     ]},
     # SFT : preference learning rate 1 : 1 (the authors'), both at the preference rate 2e-4, otherwise main's budget
     "lr_ratio": {"baseline": "two-stage dpo, lr 1:1", "metrics": METRICS + SAMPLED, "arms": [
