@@ -1810,9 +1810,11 @@ def finish(run, results: dict, columns: dict[str, dict], legend: str, examples: 
         shutil.rmtree(_held.replaced[1])
         _held.replaced = None
     release_lock()
-    print("\n" + format_table(columns) + "\n" + ("instruction: the list format kept where the prompt asks for a list; "
-          if not run.cfg.sft_data else "") + f"rougeL: F1 against the reference; reward: {results['reward_metric']}; "
-          f"*_sampled: over {run.cfg.eval_samples} responses per prompt at temperature 1; length: response tokens; {legend}\n\nexample prompt: {results['examples'][0]['prompt']}")
+    meanings = ["instruction: the list format kept where the prompt asks for a list"] if not run.cfg.sft_data else []
+    meanings += ["rougeL: F1 against the reference", f"reward: {results['reward_metric']}"]
+    meanings += [f"*_sampled: over {run.cfg.eval_samples} responses per prompt at temperature 1"] if run.cfg.eval_samples else []
+    meanings += ["length: response tokens", legend]
+    print("\n" + format_table(columns) + "\n" + "; ".join(meanings) + f"\n\nexample prompt: {results['examples'][0]['prompt']}")
     for key in ("reference", *examples):
         print(f"  {key + ':':11}{results['examples'][0][key]}")
     print(f"\nsaved {', '.join(map(str, [*saved, run.out / 'results.json']))}")

@@ -220,13 +220,17 @@ def cell_tag(script: str, args: list[str]) -> str:
     return re.sub(r"[^\w.]+", "_", " ".join([Path(script).stem, *args])).strip("_")
 
 
+def cell_file(results: Path, script: str, args: list[str], seed: int) -> Path:
+    return results / cell_tag(script, args) / f"seed{seed}.json"
+
+
 def cell_seconds(script: str, args: list[str]) -> int:
     return SECONDS.get(f"{script} --compare" if "--compare" in args else script, 120)
 
 
 def run(script: str, args: list[str], seed: int, threads: int, root: Path, results: Path, smollm2: Path) -> dict:
     """One cell: its results from results/<tag>/seed<k>.json, or a run of the script that writes that file."""
-    cell = results / cell_tag(script, args) / f"seed{seed}.json"
+    cell = cell_file(results, script, args, seed)
     if cell.exists():
         return json.loads(cell.read_text())["results"]
     out = root / cell_tag(script, args) / f"seed{seed}"
@@ -244,7 +248,8 @@ def run(script: str, args: list[str], seed: int, threads: int, root: Path, resul
         sys.exit(f"failed ({code}): {' '.join(command[1:])}\n{log.read_text()[-3000:]}\n(the whole output: {log})")
     seconds = round(time.time() - start)
     print(f"  {seconds:5d} s  {' '.join(command[1:-1])}", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    # the commit the cell ran on, "-dirty" if the working tree had uncommitted changes
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     finished = json.loads((out / "results.json").read_text())
     cell.parent.mkdir(parents=True, exist_ok=True)
     partial = cell.with_suffix(".partial")
@@ -408,7 +413,7 @@ def main() -> None:
         start = time.time()
         # each distinct command line once (LD-Align and SPIN both come from one ld_align.py --compare run)
         commands = list(dict.fromkeys((arm[1], tuple(arm[2]), seed) for seed in known.seeds for arm in spec["arms"]))
-        todo = [c for c in commands if not (known.results / cell_tag(c[0], list(c[1])) / f"seed{c[2]}.json").exists()]
+        todo = [c for c in commands if not cell_file(known.results, c[0], list(c[1]), c[2]).exists()]
         estimate = sum(cell_seconds(c[0], list(c[1])) for c in todo) / jobs / 60
         print(f"{table}: {len(commands)} cells, {len(commands) - len(todo)} already in {known.results}; "
               f"{len(todo)} to run, about {estimate:.0f} min with --jobs {jobs}", flush=True)

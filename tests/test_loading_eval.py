@@ -529,4 +529,5 @@ def test_tiny_warm_start_is_a_seeded_sft_on_held_out_rows_outside_the_random_str
         losses = [-common.token_logps(m, batch)[0].sum().item() / sum(map(common.response_tokens, examples))
                   for m in (random_model, warm)]
     uniform = math.log(len(tokenizer))  # the loss of a uniform guess
-    assert losses[0] > 0.85 * uniform and losses[1] < losses[0] / 3, (losses, uniform)  # random: a guess; warm: a third of it
+    # random: a guess; warm: under 0.3 of it (0.26 measured; the previous task's shorter references reached under 0.25)
+    assert losses[0] > 0.85 * uniform and losses[1] < 0.3 * uniform, (losses, uniform)
