@@ -1,22 +1,20 @@
 """The evidence study: each method and its baseline over several seeds, one command per table.
 
-    python experiments/study.py premise      # the built-in task's premise checks: SFT, two-stage's tax, the oracle's headroom
-    python experiments/study.py main         # DPO at equal budgets: two-stage, joint, HBAT (default, released EWC, no penalty)
-    python experiments/study.py m_sweep      # ... HBAT's preference-stage penalty M in {0, 1, 10, 100}
-    python experiments/study.py sft_m_sweep  # ... HBAT's SFT-stage penalty M in {0, 0.1, 1}
-    python experiments/study.py lr_ratio     # ... at the authors' SFT : preference learning rate 1 : 1
-    python experiments/study.py ewc          # HBAT-DPO: EWC normalisation and strength M, against two-stage and plain alternation
-    python experiments/study.py ablations    # HBAT-DPO regularisers: hbat / released / fisher / freeze / random / none
-    python experiments/study.py beta         # two-stage vs HBAT over the DPO beta
-    python experiments/study.py curve        # two-stage vs HBAT over the preference epochs, HBAT over K, + experiments/curve.png
-    python experiments/study.py ppo          # two-stage PPO vs HBAT-PPO with and without a critic
-    python experiments/study.py ld_align     # LD-Align (policy and scratch guides) vs SPIN (uniform weights), from the full SFT model
-    python experiments/study.py headroom     # ... from the warm-started model (ld_align.py --sft_epochs 0: room for self-play)
-    python experiments/study.py hybrid       # two-stage, joint, HBAT (ours, the authors' schedule and recipe), plain alternation; DPO and PPO; + hybrid.png
-    python experiments/study.py all          # every table above (on the tiny model)
-    python experiments/study.py smollm2 --seeds 0 1 2      # two-stage vs HBAT-DPO on SmolLM2-135M-Instruct (reduced; ~35 min)
-    python experiments/study.py smollm2_ld --seeds 0 1 2   # SPIN vs LD-Align on SmolLM2-135M-Instruct (reduced; ~35 min)
-    python experiments/study.py curve --seeds 0 1 2 --jobs 1
+    python experiments/study.py --table premise      # the built-in task's premise checks: SFT, two-stage's tax, the oracle's headroom
+    python experiments/study.py --table main         # DPO at equal budgets: two-stage, joint, HBAT (default, released EWC, no penalty, the authors' recipe)
+    python experiments/study.py --table m_sweep      # ... HBAT's preference-stage penalty M in {0, 1, 10, 100}
+    python experiments/study.py --table sft_m_sweep  # ... HBAT's SFT-stage penalty M in {0, 0.1, 1}
+    python experiments/study.py --table lr_ratio     # ... at the authors' SFT : preference learning rate 1 : 1
+    python experiments/study.py --table k_sweep      # ... HBAT's K in {2, 5, 10}
+    python experiments/study.py --table ablations    # ... HBAT's regularisers: none / default / released / fisher / freeze / random
+    python experiments/study.py --table fronts       # ... the fronts over DPO's beta and HBAT's M, + experiments/fronts.png
+    python experiments/study.py --table ppo_main     # PPO at equal budgets: two-stage, PPO-ptx, HBAT (default, no penalty, the authors' recipe)
+    python experiments/study.py --table ld_align     # LD-Align (policy and scratch guides) vs SPIN (uniform weights), from the full SFT model
+    python experiments/study.py --table headroom     # ... from the warm-started model (ld_align.py --sft_epochs 0: room for self-play)
+    python experiments/study.py --table all          # every table above (on the tiny model)
+    python experiments/study.py --table smollm2 --seeds 0 1 2      # two-stage vs HBAT-DPO on SmolLM2-135M-Instruct (reduced; ~35 min)
+    python experiments/study.py --table smollm2_ld --seeds 0 1 2   # SPIN vs LD-Align on SmolLM2-135M-Instruct (reduced; ~35 min)
+    python experiments/study.py main --seeds 0 1 2 --jobs 1        # (the table's name alone works too)
 
 A cell is one command line of one of the scripts at one seed (printed). It trains in
 runs/study/<script>_<arguments>/seed<k>/ (its output in seed<k>.log beside it, a time limit of CELL_TIMEOUT),
@@ -45,7 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "runs" / "study"  # where cells train (not committed)
 RESULTS = REPO / "experiments" / "results"  # one small JSON file per finished cell (committed)
 CELL_TIMEOUT = 1800  # seconds: a cell that hangs fails the table instead of stalling it
-SECONDS = {"two_stage_baseline.py": 60, "hbat.py": 80, "hbat.py --compare": 200, "ld_align.py": 160, "ld_align.py --compare": 250}
+SECONDS = {"two_stage_baseline.py": 60, "hbat.py": 80, "hbat.py --compare": 200, "hbat.py ppo": 200, "hbat.py ppo --compare": 500,
+           "ld_align.py": 160, "ld_align.py --compare": 250}
 # ^ a cell's rough time with one thread (two at once on 2 cores), for the estimate printed before a table runs
 METRICS = ("instruction", "rougeL", "reward")
 SAMPLED = ("instruction_sampled", "reward_sampled")  # means over 4 samples per prompt at temperature 1
@@ -55,43 +54,15 @@ SAMPLED = ("instruction_sampled", "reward_sampled")  # means over 4 samples per 
 TWO_STAGE = ("two-stage dpo", "two_stage_baseline.py", [], "sft+dpo")
 
 
-def hbat(name: str, *args: str, pref: str = "dpo"):
-    return (name, "hbat.py", ["--pref", pref, *args], f"hbat {pref}")
-
-
 DEFAULT_EWC = ("--ewc", "hbat", "--ewc_max_weight", "1", "--pref_ewc_max_weight", "100")  # hbat.py's default, spelled out
 
 
 def sum_m(sft: str, pref: str) -> tuple[str, ...]:
     return ("--ewc", "hbat", "--ewc_max_weight", sft, "--pref_ewc_max_weight", pref)
-BETAS = ("0.03", "0.1", "0.3")
-EPOCHS = ("1", "2", "3")  # preference epochs (DPO passes over the preference data; per stage for HBAT)
-ROUNDS = ("1", "2", "5")  # HBAT's K (K = 1: one SFT stage, then one DPO stage under the penalty)
-
-
 GUIDE = ("--guide", "policy", "--no-guide_reads_prompt")  # ld_align.py's default guide, spelled out
 
-# The hybrid table: two-stage, the joint objective, HBAT (default, with the authors' schedule, the authors' whole
-# recipe) and plain alternation, for DPO and PPO. `hbat.py --compare` runs two-stage and joint beside HBAT on the same
-# seed; with PPO every arm of a --compare run optimises one reward model, the baseline's (the same in every run of a
-# seed: the same SFT model and reward-model training).
-SCHEDULE = ("--lr_scheduler_type", "constant", "--warmup_steps", "10", "--schedule", "ours")  # the defaults, spelled out
 AUTHORS = ("--ewc", "released", "--schedule", "authors")  # their EWC and per-stage schedule
 AUTHORS_PPO = (*AUTHORS, "--no-critic", "--gamma", "0.95", "--kl_coef", "0.1")  # and their critic-free PPO settings
-
-
-def hybrid(pref: str) -> list:
-    compare = ["--pref", pref, "--compare", "--joint_coef", "1", *SCHEDULE]
-    alone = ["--pref", pref, "--compare", "--joint_coef", "0"]  # (with PPO, --compare gives the arm the baseline's reward model)
-    arms = [(f"two-stage {pref}", "hbat.py", [*compare, *DEFAULT_EWC], f"two-stage {pref}"),
-            (f"joint ({pref} + 1 x SFT loss)", "hbat.py", [*compare, *DEFAULT_EWC], f"joint {pref}"),
-            (f"hbat {pref} (default)", "hbat.py", [*compare, *DEFAULT_EWC], f"hbat {pref}"),
-            (f"hbat {pref}, default EWC, the authors' schedule", "hbat.py", [*alone, *DEFAULT_EWC, "--schedule", "authors"], f"hbat {pref}"),
-            (f"hbat {pref}, the authors' recipe", "hbat.py", [*alone, *(AUTHORS_PPO if pref == "ppo" else AUTHORS)], f"hbat {pref}"),
-            (f"plain alternation ({pref}, --ewc none)", "hbat.py", [*alone, "--ewc", "none", *SCHEDULE], f"hbat {pref}")]
-    if pref == "ppo":  # the baseline of the authors' recipe: two-stage with their critic-free PPO settings
-        arms.append(("two-stage ppo, the authors' PPO settings", "hbat.py", [*alone, *AUTHORS_PPO], "two-stage ppo"))
-    return arms
 
 
 def ld_align(name: str, key: str, *args: str):
@@ -113,6 +84,29 @@ SMOLLM2_LD = [*SMOLLM2[:-1], "2e-5", "--sft_epochs", "1", "--pref_lr", "5e-6", "
 EQUAL_BUDGET = ("--batch_size", "20", "--warmup_steps", "0", "--lr_scheduler_type", "constant", "--schedule", "ours")
 MAIN = ["--pref", "dpo", *EQUAL_BUDGET]
 MAIN_COMPARE = [*MAIN, "--compare", "--joint_coef", "1", *DEFAULT_EWC]  # two-stage, joint and HBAT from one run per seed
+# The authors' recipe (released EWC, their per-stage schedule: cosine, 100 warm-up steps in preference stages, at most
+# half a stage): their schedule, not the equal learning-rate mass, so its row says so. Batch 20 as in every arm.
+MAIN_AUTHORS = ["--pref", "dpo", "--batch_size", "20", *AUTHORS]
+# Two-stage with HBAT's total compute needs no arm of its own: at this budget both run 3 SFT epochs over the 3000 rows
+# and one DPO epoch over the 2000 pairs (HBAT in K shards), the same forward and backward passes; HBAT adds only the
+# penalty's elementwise terms and a drift per stage (their cost: the cells' seconds, experiments/README.md).
+BETA_FRONT = ("0.03", "0.1", "0.3", "1")  # DPO's beta: from far past two-stage's point (0.03) to near the SFT model (1)
+# PPO at equal budgets: 40 prompts per rollout divide the 2000 prompts and their shards for K in {1, 2, 5, 10}
+# (two-stage's 50 rollouts = HBAT's 5 x 10), every other PPO setting the default
+PPO_MAIN = ["--pref", "ppo", *EQUAL_BUDGET, "--ppo_batch_size", "40"]
+PPO_COMPARE = [*PPO_MAIN, "--compare", "--joint_coef", "1", *DEFAULT_EWC]  # two-stage, PPO-ptx and HBAT, one reward model
+
+
+def at_stage(key: str, stage: str) -> str:
+    """A results key for the model after one stage of an HBAT run (its trajectory), e.g. round K's SFT stage."""
+    return f"{key} @ {stage}"
+
+
+def final_of(results: dict, key: str) -> dict:
+    """The metrics of `key` in a cell's results.json: a final model, or "<arm> @ <stage>" from HBAT's trajectory."""
+    if " @ " not in key:
+        return results[key]
+    return next(row for row in results["trajectory"] if row["stage"] == key.split(" @ ")[1])
 
 TABLES = {
     # HBAT against two-stage and the joint objective at equal budgets, DPO (the design above, fixed before any result)
@@ -123,6 +117,42 @@ TABLES = {
         ("hbat dpo (default EWC)", "hbat.py", MAIN_COMPARE, "hbat dpo"),
         ("hbat dpo, the released EWC (softmax, M 100)", "hbat.py", [*MAIN, "--ewc", "released"], "hbat dpo"),
         ("hbat dpo, no penalty (plain alternation, M 0)", "hbat.py", [*MAIN, "--ewc", "none"], "hbat dpo"),
+        ("hbat dpo, the authors' recipe (released EWC, their schedule)", "hbat.py", MAIN_AUTHORS, "hbat dpo"),
+        ("hbat dpo (default EWC), ending on its last SFT stage (4 of 5 DPO stages)", "hbat.py", MAIN_COMPARE,
+         at_stage("hbat dpo", "round 5 sft")),
+    ]},
+    # HBAT's K at the main table's budget (every K takes the same steps); K 5 is main's cell
+    "k_sweep": {"baseline": "two-stage dpo", "metrics": METRICS + SAMPLED, "arms": [
+        ("two-stage dpo", "hbat.py", MAIN_COMPARE, "two-stage dpo"),
+        *[(f"hbat dpo (default EWC), K {k}", "hbat.py", [*MAIN, *DEFAULT_EWC, "--rounds", k], "hbat dpo") for k in ("2", "10")],
+        ("hbat dpo (default EWC), K 5", "hbat.py", MAIN_COMPARE, "hbat dpo"),
+    ]},
+    # the regularisers of the ablations at the main table's budget (default, released, none: main's cells)
+    "ablations": {"baseline": "hbat dpo, no penalty (--ewc none)", "metrics": METRICS + SAMPLED, "arms": [
+        ("hbat dpo, no penalty (--ewc none)", "hbat.py", [*MAIN, "--ewc", "none"], "hbat dpo"),
+        ("hbat dpo (default EWC)", "hbat.py", MAIN_COMPARE, "hbat dpo"),
+        ("hbat dpo, the released EWC", "hbat.py", [*MAIN, "--ewc", "released"], "hbat dpo"),
+        *[(f"hbat dpo, --ewc {e}", "hbat.py", [*MAIN, "--ewc", e], "hbat dpo") for e in ("fisher", "freeze", "random")],
+    ]},
+    # the Pareto fronts at the main table's budget: two-stage, joint and HBAT over DPO's beta (one --compare run per
+    # beta and seed), and HBAT over its preference-stage M at beta 0.1 (m_sweep's cells); + experiments/fronts.png
+    "fronts": {"baseline": "two-stage dpo, beta 0.1", "metrics": METRICS + SAMPLED, "figure": "fronts.png", "arms": [
+        *[(f"{arm}, beta {b}", "hbat.py", [*MAIN_COMPARE, *([] if b == "0.1" else ["--beta", b])], key)
+          for arm, key in (("two-stage dpo", "two-stage dpo"), ("joint (dpo + 1 x SFT loss)", "joint dpo"),
+                           ("hbat dpo (default EWC)", "hbat dpo")) for b in BETA_FRONT],
+        *[(f"hbat dpo (beta 0.1), M {m}", "hbat.py", [*MAIN, *sum_m("1", m)], "hbat dpo") for m in ("0", "1", "10")],
+        ("hbat dpo (beta 0.1), M 100", "hbat.py", MAIN_COMPARE, "hbat dpo"),
+    ]},
+    # PPO at equal budgets: two-stage, the joint objective (PPO-ptx) and HBAT from one run per seed, all on the
+    # baseline's reward model; and the authors' recipe (their critic-free PPO settings, released EWC, their schedule)
+    "ppo_main": {"baseline": "two-stage ppo", "metrics": METRICS + SAMPLED, "arms": [
+        ("sft (two-stage's SFT model)", "hbat.py", PPO_COMPARE, "two-stage sft"),
+        ("two-stage ppo", "hbat.py", PPO_COMPARE, "two-stage ppo"),
+        ("joint (ppo-ptx, 1 x SFT loss)", "hbat.py", PPO_COMPARE, "joint ppo"),
+        ("hbat ppo (default EWC)", "hbat.py", PPO_COMPARE, "hbat ppo"),
+        ("hbat ppo, no penalty (--ewc none)", "hbat.py", [*PPO_MAIN, "--compare", "--joint_coef", "0", "--ewc", "none"], "hbat ppo"),
+        ("hbat ppo, the authors' recipe", "hbat.py", ["--pref", "ppo", "--batch_size", "20", "--ppo_batch_size", "40",
+                                                      "--compare", "--joint_coef", "0", *AUTHORS_PPO], "hbat ppo"),
     ]},
     # the preference-stage penalty M at the main table's budget (SFT stages keep M 1); M 100 is main's cell, and so is
     # --ewc none, which also drops the SFT stages' penalty (M 0 first stood for it; the M 0 row was added to separate the two)
@@ -149,44 +179,6 @@ TABLES = {
     # the task's premise checks (README): the SFT model, two-stage's tax on it, and the hand-written oracle's headroom
     "premise": {"baseline": "two-stage dpo", "oracle": True, "metrics": METRICS + SAMPLED, "arms": [
         ("sft (the two-stage SFT model)", "two_stage_baseline.py", [], "sft"), TWO_STAGE]},
-    "ewc": {"baseline": "two-stage dpo", "arms": [
-        TWO_STAGE,
-        hbat("hbat none (plain alternation)", "--ewc", "none"),
-        hbat("hbat released (softmax, M 100)", "--ewc", "released"),
-        *[hbat(f"hbat sum, M {m}", *sum_m(m, m)) for m in ("1", "10", "100")],
-        hbat("hbat sum, M 1 / pref 100 (default)", *DEFAULT_EWC),
-        hbat("hbat sum, M 1 / pref 1000", *sum_m("1", "1000")),
-    ]},
-    "ablations": {"baseline": "hbat none (plain alternation)", "arms": [
-        hbat("hbat none (plain alternation)", "--ewc", "none"),
-        hbat("hbat (default: sum, M 1 / pref 100)", *DEFAULT_EWC),
-        hbat("hbat released (softmax, M 100)", "--ewc", "released"),
-        hbat("fisher (textbook EWC)", "--ewc", "fisher"),
-        hbat("freeze (top 20% tensors)", "--ewc", "freeze"),
-        hbat("random weights", "--ewc", "random"),
-    ]},
-    "beta": {"baseline": "two-stage dpo, beta 0.1", "arms": [
-        *[(f"two-stage dpo, beta {b}", "two_stage_baseline.py", [] if b == "0.1" else ["--beta", b], "sft+dpo") for b in BETAS],
-        *[hbat(f"hbat dpo, beta {b}", *DEFAULT_EWC, *([] if b == "0.1" else ["--beta", b])) for b in BETAS],
-    ]},
-    "curve": {"baseline": "two-stage dpo (preference epochs), 1 epoch", "arms": [
-        *[(f"two-stage dpo (preference epochs), {e} epoch{'s' * (e != '1')}", "two_stage_baseline.py",
-           [] if e == "1" else ["--pref_epochs", e], "sft+dpo") for e in EPOCHS],
-        *[hbat(f"hbat dpo (preference epochs), {e} epoch{'s' * (e != '1')}", *DEFAULT_EWC, *([] if e == "1" else ["--pref_epochs", e]))
-          for e in EPOCHS],
-        *[hbat(f"hbat dpo (rounds), K {k}", *DEFAULT_EWC, *([] if k == "5" else ["--rounds", k])) for k in ROUNDS],
-    ], "figure": "curve.png"},
-    # hbat.py --compare: both arms optimise one reward model (the baseline's, from its SFT model)
-    "ppo": {"baseline": "two-stage ppo", "arms": [
-        ("two-stage ppo", "hbat.py", ["--pref", "ppo", "--compare", *DEFAULT_EWC], "two-stage ppo"),
-        ("hbat ppo, critic", "hbat.py", ["--pref", "ppo", "--compare", *DEFAULT_EWC], "hbat ppo"),
-        ("two-stage ppo, no critic", "hbat.py", ["--pref", "ppo", "--compare", *DEFAULT_EWC, "--no-critic"], "two-stage ppo"),
-        ("hbat ppo, no critic", "hbat.py", ["--pref", "ppo", "--compare", *DEFAULT_EWC, "--no-critic"], "hbat ppo"),
-        ("two-stage ppo, alone", "two_stage_baseline.py", ["--pref", "ppo"], "sft+ppo"),
-        hbat("hbat ppo, critic, its own reward model (from round 1's SFT model)", *DEFAULT_EWC, pref="ppo"),
-    ]},
-    "hybrid_dpo": {"baseline": "two-stage dpo", "arms": hybrid("dpo"), "figure": "hybrid.png"},
-    "hybrid_ppo": {"baseline": "two-stage ppo", "arms": hybrid("ppo"), "figure": "hybrid.png"},
     "ld_align": {"baseline": "spin (uniform), full SFT", "arms": [
         ld_align("spin (uniform), full SFT", "spin", *GUIDE),
         ld_align("ld-align, policy guide, full SFT", "ld_align", *GUIDE),
@@ -225,7 +217,8 @@ def cell_file(results: Path, script: str, args: list[str], seed: int) -> Path:
 
 
 def cell_seconds(script: str, args: list[str]) -> int:
-    return SECONDS.get(f"{script} --compare" if "--compare" in args else script, 120)
+    name = " ".join([script, *(["ppo"] if "ppo" in args else []), *(["--compare"] if "--compare" in args else [])])
+    return SECONDS.get(name, 120)
 
 
 def run(script: str, args: list[str], seed: int, threads: int, root: Path, results: Path, smollm2: Path) -> dict:
@@ -352,7 +345,7 @@ def plot(path: Path, panels: int, draw) -> None:
 
 
 def point(ax, finals: list[dict], seeds: list[int], **style):
-    """Mean rougeL against mean gold reward, error bars one sd over the seeds."""
+    """Mean instruction score against mean gold reward, error bars one sd over the seeds."""
     sd = lambda m: statistics.stdev(f[m] for f in finals) if len(seeds) > 1 else 0  # noqa: E731
     return ax.errorbar(statistics.mean(f["reward"] for f in finals), statistics.mean(f["instruction"] for f in finals),
                        xerr=sd("reward"), yerr=sd("instruction"), marker="o", capsize=3, **style)
@@ -369,7 +362,7 @@ def figure(arms: list, runs: dict, seeds: list[int], path: Path) -> None:
             for (knob, finals), (x, y) in zip(points, xy):
                 point(ax, finals, seeds, color=line.get_color())
                 ax.annotate(knob, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8, color=line.get_color())
-        sft = [runs[arms[0][0], s]["results"].get("sft") for s in seeds]
+        sft = [(lambda r: r.get("two-stage sft") or r.get("sft"))(runs[arms[0][0], s]["results"]) for s in seeds]
         if all(sft):
             ax.plot(statistics.mean(f["reward"] for f in sft), statistics.mean(f["instruction"] for f in sft), "k*", markersize=10,
                     label="SFT model (start of preference training)")
@@ -377,22 +370,10 @@ def figure(arms: list, runs: dict, seeds: list[int], path: Path) -> None:
     plot(path, 1, draw)
 
 
-def hybrid_figure(tables: dict, seeds: list[int], path: Path) -> None:
-    """One point per arm, DPO and PPO side by side, the two-stage SFT model as a reference."""
-    def draw(ax, i):
-        table, (arms, runs) = list(tables.items())[i]
-        for name, *_ in arms:
-            point(ax, [runs[name, s]["final"] for s in seeds], seeds, label=name)
-        sft = [runs[arms[0][0], s]["results"]["two-stage sft"] for s in seeds]
-        ax.plot(statistics.mean(f["reward"] for f in sft), statistics.mean(f["instruction"] for f in sft), "k*", markersize=10,
-                label="SFT model (two-stage)")
-        ax.set_title(f"{table.split('_')[1].upper()}: mean +- sd over {len(seeds)} seeds (tiny model, built-in task)", fontsize=10)
-    plot(path, len(tables), draw)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table", choices=[*TABLES, "hybrid", "all"])
+    parser.add_argument("name", nargs="?", choices=[*TABLES, "all"], metavar="TABLE", help="the table (or --table TABLE)")
+    parser.add_argument("--table", choices=[*TABLES, "all"], help=f"the table: {', '.join(TABLES)} or all")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", type=Path, default=OUT, help="where the cells train (default runs/study)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where finished cells are kept (default experiments/results)")
@@ -401,11 +382,12 @@ def main() -> None:
     parser.add_argument("--smollm2", type=Path, default=Path("/tmp/smollm2-135m"),
                         help="the smollm2 tables' model: a folder built by experiments/build_smollm2.py")
     known = parser.parse_args()
-    tables = [t for t in TABLES if not t.startswith("smollm2")] if known.table == "all" else \
-        ["hybrid_dpo", "hybrid_ppo"] if known.table == "hybrid" else [known.table]
+    if (known.table is None) == (known.name is None):
+        parser.error("give one table: --table TABLE (or TABLE alone)")
+    known.table = known.table or known.name
+    tables = [t for t in TABLES if not t.startswith("smollm2")] if known.table == "all" else [known.table]
     if known.table.startswith("smollm2") and not (known.smollm2 / "config.json").exists():
         sys.exit(f"--smollm2 {known.smollm2}: no model there; build it with python experiments/build_smollm2.py {known.smollm2}")
-    finished = {}
     for table in tables:
         spec = TABLES[table]
         jobs = known.jobs or spec.get("jobs", 2)
@@ -420,19 +402,14 @@ def main() -> None:
         with ThreadPoolExecutor(jobs) as pool:
             results = dict(zip(commands, pool.map(lambda c: run(c[0], list(c[1]), c[2], threads, known.out, known.results,
                                                                 known.smollm2), commands)))
-        runs = {(name, seed): {"final": results[script, tuple(args), seed][key], "results": results[script, tuple(args), seed]}
+        runs = {(name, seed): {"final": final_of(results[script, tuple(args), seed], key), "results": results[script, tuple(args), seed]}
                 for seed in known.seeds for name, script, args, key in spec["arms"]}
         text = report(table, spec["arms"], spec["baseline"], runs, known.seeds, spec.get("metrics", METRICS))
         if spec.get("oracle"):
             text += "\n\n" + premise_checks(runs, known.seeds)
         print("\n" + text + f"\n\n({time.time() - start:.0f} s)\n", flush=True)
-        if spec.get("figure") == "hybrid.png":
-            finished[table] = (spec["arms"], runs)
-            if {"hybrid_dpo", "hybrid_ppo"} <= set(finished):
-                hybrid_figure(finished, known.seeds, Path(__file__).resolve().parent / "hybrid.png")
-        elif "figure" in spec:
+        if "figure" in spec:
             figure(spec["arms"], runs, known.seeds, Path(__file__).resolve().parent / spec["figure"])
-
 
 if __name__ == "__main__":
     main()

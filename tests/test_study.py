@@ -46,3 +46,15 @@ def test_main_table_budget_is_equal_in_steps_and_learning_rate_mass():
     for rows in (3000, 2000):  # the default SFT rows and preference pairs
         for k in (1, 2, 5, 10):
             assert rows % k == 0 and (rows // k) % batch == 0
+
+
+def test_a_stage_key_reads_that_stage_of_the_trajectory_and_a_plain_key_the_final_model():
+    results = {"hbat dpo": {"reward": 0.5}, "trajectory": [{"stage": "round 1 sft", "reward": 0.1}, {"stage": "round 2 sft", "reward": 0.2}]}
+    assert study.final_of(results, "hbat dpo") == {"reward": 0.5}
+    assert study.final_of(results, study.at_stage("hbat dpo", "round 2 sft"))["reward"] == 0.2
+
+
+def test_every_table_names_its_baseline_and_each_arm_once():
+    for name, spec in study.TABLES.items():
+        names = [arm[0] for arm in spec["arms"]]
+        assert len(set(names)) == len(names) and spec["baseline"] in names, name
