@@ -41,9 +41,11 @@ IGNORE_INDEX = -100  # the label of a position no loss reads: prompt and padding
 
 # ==== Batches and masking ===================================================================================
 
-def sequence(prompt_ids: list[int], response_ids: list[int]) -> dict:
-    """One (prompt, response) as input ids and labels, before any padding: prompt labels are IGNORE_INDEX."""
-    return {"input_ids": prompt_ids + response_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids}
+def sequence(prompt_ids: list[int], response_ids: list[int], prompt_labels: list[int] | None = None) -> dict:
+    """One (prompt, response) as input ids and labels, before any padding: prompt labels are IGNORE_INDEX (or prompt_labels:
+    a conversation's earlier assistant turns keep their ids, so they carry the loss too)."""
+    return {"input_ids": prompt_ids + response_ids,
+            "labels": ([IGNORE_INDEX] * len(prompt_ids) if prompt_labels is None else prompt_labels) + response_ids}
 
 def pad(seqs: list[list[int]], value: int, side: str = "right") -> torch.Tensor:
     fill = [[value] * (max(map(len, seqs)) - len(s)) for s in seqs]
@@ -1029,7 +1031,8 @@ def disable_dropout(model: torch.nn.Module) -> None:
 # ==== Data: files and splits, row formats, tokenization =====================================================
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
-ROW_FORMATS = ("prompt + completion", "messages (a conversation; a 'prompt' beside it is ignored)", "prompt + chosen + rejected",
+ROW_FORMATS = ("prompt + completion", "messages (a conversation, every assistant turn trained; a 'prompt' beside it is ignored)",
+               "prompt + chosen + rejected",
                "chosen + rejected conversations sharing all turns but the last (message lists, or Anthropic HH strings)")
 _SPLIT, _HH_TURN = re.compile(r"([\w.-]+?)(?:\[(\d*):(\d*)\])?"), re.compile(r"\n\n(Human|Assistant): ")
 
@@ -1186,8 +1189,9 @@ def field(row: dict, where: str, name: str, why: str = ""):
     raise DataError(f"{where}: field '{name}' must be a non-empty string or a list of {{'role', 'content'}} messages, got "
                     f"{type(value).__name__}: {str(value)[:80]!r}")
 
-def row_texts(row, tokenizer, where: str, kind: str) -> tuple[str, ...]:
-    """(prompt text, response text, ...): message lists through the chat template; the response is the last assistant turn."""
+def row_texts(row, tokenizer, where: str, kind: str, last_turn_only: bool = False) -> tuple:
+    """(prompt, response text, ...): message lists through the chat template; the response is the last assistant turn. An SFT
+    conversation with earlier assistant turns (unless last_turn_only) gives its prompt as (text, trained) segments instead."""
     prompt, responses = row_parts(row, where, kind)
     if isinstance(prompt, str) and all(isinstance(r, str) for r in responses):
         return (prompt, *responses)
@@ -1199,13 +1203,53 @@ def row_texts(row, tokenizer, where: str, kind: str) -> tuple[str, ...]:
             raise DataError(f"{where}: field '{name}': the last message of a response must be from the assistant")
     if not tokenizer.chat_template:
         raise DataError(f"{where}: the data is chat messages but the tokenizer has no chat template")
-    return (tokenizer.apply_chat_template(prompt + responses[0][:-1], tokenize=False, add_generation_prompt=True),
-            *(r[-1]["content"] for r in responses))
+    context = prompt + responses[0][:-1]
+    if kind == "sft" and "messages" in row and not last_turn_only and any(m["role"] == "assistant" for m in context):
+        return (conversation_segments(tokenizer, context, where), responses[0][-1]["content"])
+    return (render_chat(tokenizer, context, where, True), *(r[-1]["content"] for r in responses))
+
+def render_chat(tokenizer, messages: list[dict], where: str, generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as e:  # the template's own raise_exception, or a template error: name the row
+        raise DataError(f"{where}: the chat template refused this row ({type(e).__name__}: {first_line(e)})") from None
+
+def conversation_segments(tokenizer, context: list[dict], where: str) -> tuple[tuple[str, bool], ...]:
+    """The context before a conversation's last assistant turn, rendered by the chat template, as (text, trained) segments:
+    an earlier assistant turn is the text its message adds to the rendering (its content and end-of-turn markup: trained);
+    the rest (system and user turns, the template's markup before each assistant turn) is not. The texts join into the
+    rendering of the whole context. A template that changes earlier text when a turn is added is refused."""
+    segments, rendered = [], ""
+    for turn in [i for i, m in enumerate(context) if m["role"] == "assistant"] + [len(context)]:
+        steps = [(context[:turn], True, False)] + ([(context[:turn + 1], False, True)] if turn < len(context) else [])
+        for messages, generation_prompt, trained in steps:
+            text = render_chat(tokenizer, messages, where, generation_prompt) if messages else ""
+            if not text.startswith(rendered):
+                raise DataError(f"{where}: field 'messages': the chat template renders message {len(messages)} so that the text "
+                                f"before it changes, so its assistant turns cannot be trained apart; give --last_turn_only")
+            if len(text) > len(rendered):
+                segments.append((text[len(rendered):], trained))
+            rendered = text
+    return tuple(segments)
+
+def prompt_text(prompt) -> str:
+    """A prompt's text: the string, or its segments joined."""
+    return prompt if isinstance(prompt, str) else "".join(text for text, _ in prompt)
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
     """Prompt ids, with BOS where the tokenizer normally adds it (chat templates carry their own)."""
     ids, bos = tokenizer(text, add_special_tokens=False).input_ids, tokenizer.bos_token_id
     return [bos] + ids if bos is not None and ids[:1] != [bos] and tokenizer("a").input_ids[:1] == [bos] else ids
+
+def encode_context(tokenizer, prompt) -> tuple[list[int], list[int]]:
+    """A prompt's ids and labels: IGNORE_INDEX, but for the ids of segments marked trained (a conversation's earlier assistant
+    turns). Segments are tokenized apart, like prompt and response."""
+    segments = [(prompt, False)] if isinstance(prompt, str) else prompt
+    ids, labels = [], []
+    for k, (text, trained) in enumerate(segments):
+        part = encode_prompt(tokenizer, text) if k == 0 else tokenizer(text, add_special_tokens=False).input_ids
+        ids, labels = ids + part, labels + (part if trained else [IGNORE_INDEX] * len(part))
+    return ids, labels
 
 def encode_response(tokenizer, text: str) -> list[int]:
     """Response ids + EOS, tokenized apart from the prompt so the boundary never drifts."""
@@ -1218,6 +1262,13 @@ def keep_last(ids: list[int], n: int, bos_id: int | None = None) -> list[int]:
     if n > 0 and bos_id is not None and ids[:1] == [bos_id]:
         return [bos_id] + ids[len(ids) - n + 1:]
     return ids[len(ids) - n:] if n > 0 else []
+
+def kept_labels(labels: list[int], ids: list[int], kept: list[int], bos_id: int | None) -> list[int]:
+    """The labels of the tokens that keep_last(ids, ...) kept: a leading BOS and the last ones."""
+    if len(kept) == len(ids):
+        return labels
+    head = 1 if kept and bos_id is not None and ids[:1] == [bos_id] else 0
+    return labels[:head] + labels[len(labels) - len(kept) + head:]
 
 def truncate(prompt_ids: list[int], responses: list[list[int]], max_length: int, max_prompt_length: int, bos_id: int | None = None):
     """Over max_length, the prompt loses its left side first (as much as needed, never below max_prompt_length tokens), then
@@ -1233,29 +1284,34 @@ def generation_prompt(tokenizer, text: str, cfg) -> list[int]:
     return keep_last(encode_prompt(tokenizer, text), max(cfg.max_length - cfg.max_new_tokens, cfg.max_prompt_length), tokenizer.bos_token_id)
 
 def tokenize(texts: list[tuple], tokenizer, max_length: int, max_prompt_length: int) -> tuple[list[dict], dict]:
-    """Tokenized, truncated (prompt, response, ...) texts: examples ({"input_ids", "labels", "prompt", "reference"}, or {"chosen",
-    "rejected", "prompt", "prompt_ids"}) and counts: prompt_cut, response_cut, skipped (no room), identical (chosen == rejected)."""
-    examples, counts = [], {"prompt_cut": 0, "response_cut": 0, "skipped": 0, "identical": 0}
+    """Tokenized, truncated (prompt, response, ...) texts: examples ({"input_ids", "labels", "prompt", "reference", "prompt_ids"},
+    or {"chosen", "rejected", "prompt", "prompt_ids"}) and counts: prompt_cut, response_cut, skipped (no room), identical
+    (chosen == rejected), and earlier_turns: the assistant turns before the last that carry the loss (segmented prompts)."""
+    examples, counts = [], {"prompt_cut": 0, "response_cut": 0, "skipped": 0, "identical": 0, "earlier_turns": 0}
     for prompt, *responses in texts:
         if len(responses) == 2 and responses[0] == responses[1]:
             counts["identical"] += 1
             continue
-        prompt_ids, response_ids = encode_prompt(tokenizer, prompt), [encode_response(tokenizer, r) for r in responses]
+        (prompt_ids, prompt_labels), response_ids = encode_context(tokenizer, prompt), [encode_response(tokenizer, r) for r in responses]
         cut = truncate(prompt_ids, response_ids, max_length, max_prompt_length, tokenizer.bos_token_id)
         counts["skipped"] += cut is None
         if cut is None:
             continue
         counts["prompt_cut"] += len(cut[0]) < len(prompt_ids)
         counts["response_cut"] += any(len(a) < len(b) for a, b in zip(cut[1], response_ids))
+        counts["earlier_turns"] += sum(trained for _, trained in ([] if isinstance(prompt, str) else prompt))
         if len(responses) == 1:
-            examples.append({**sequence(cut[0], cut[1][0]), "prompt": prompt, "reference": responses[0]})
+            labels = kept_labels(prompt_labels, prompt_ids, cut[0], tokenizer.bos_token_id)
+            examples.append({**sequence(cut[0], cut[1][0], labels), "prompt": prompt_text(prompt), "reference": responses[0],
+                             "prompt_ids": cut[0]})
         else:
             examples.append({"chosen": sequence(cut[0], cut[1][0]), "rejected": sequence(cut[0], cut[1][1]), "prompt": prompt,
                              "prompt_ids": cut[0]})
     return examples, counts
 
-def tokenize_sft(rows: list, tokenizer, max_length: int, max_prompt_length: int, where=lambda i: f"data: row {i + 1}"):
-    return tokenize([row_texts(r, tokenizer, where(i), "sft") for i, r in enumerate(rows)], tokenizer, max_length, max_prompt_length)
+def tokenize_sft(rows: list, tokenizer, max_length: int, max_prompt_length: int, where=lambda i: f"data: row {i + 1}", last_turn_only=False):
+    return tokenize([row_texts(r, tokenizer, where(i), "sft", last_turn_only) for i, r in enumerate(rows)], tokenizer, max_length,
+                    max_prompt_length)
 
 def tokenize_pref(rows: list, tokenizer, max_length: int, max_prompt_length: int, where=lambda i: f"data: row {i + 1}"):
     return tokenize([row_texts(r, tokenizer, where(i), "pref") for i, r in enumerate(rows)], tokenizer, max_length, max_prompt_length)
@@ -1270,7 +1326,7 @@ def load_data(cfg, tokenizer, need_pref: bool = True) -> dict:
         sets = {"sft": read_rows(cfg.sft_data, cfg.sft_split, cfg.n_sft + held_out if cfg.n_sft else 0, "--sft_data"),
                 "pref": read_rows(cfg.pref_data, cfg.pref_split, cfg.n_pref, "--pref_data") if need_pref else None,
                 "test": read_rows(cfg.eval_data, cfg.eval_split, cfg.eval_size, "--eval_data") if cfg.eval_data else None}
-        texts = {kind: [row_texts(r, tokenizer, sets[kind].where(i), "pref" if kind == "pref" else "sft")
+        texts = {kind: [row_texts(r, tokenizer, sets[kind].where(i), "pref" if kind == "pref" else "sft", cfg.last_turn_only or kind == "test")
                         for i, r in enumerate(sets[kind].rows)] for kind in kinds if sets[kind]}
         if not cfg.eval_data:
             if len(texts["sft"]) <= held_out:
@@ -1292,7 +1348,7 @@ def load_data(cfg, tokenizer, need_pref: bool = True) -> dict:
         raise DataError(f"{cfg.pref_data}: in every pair chosen and rejected are the same text; there is nothing to learn")
     if not sft or (need_pref and not pref):
         raise DataError("no training rows left after skipping overlong ones; raise --max_length")
-    tests = [{"prompt": p, "reference": r} for p, r in texts["test"]]
+    tests = [{"prompt": prompt_text(p), "reference": r} for p, r in texts["test"]]
     room = max(cfg.max_length - cfg.max_new_tokens, cfg.max_prompt_length)
     used = {"sft": (len(sft), sft_counts), "pref": (len(pref), pref_counts), "test": (len(tests), {
         "prompt_cut": sum(len(encode_prompt(tokenizer, t["prompt"])) > room for t in tests),
@@ -1310,7 +1366,9 @@ def data_lines(report: dict, cfg) -> list[str]:
                         ("identical", "pairs skipped (chosen == rejected)")) if r.get(key) for text in [f"{r[key]} {text}"])
         lines.append(f"{dict(sft='SFT', pref='preference', test='test')[kind]} data: {r['source']}, split {r['split']}: "
                      f"{r['rows_used']} of {r['rows_read']} rows used" + (f" ({cut}; --max_length {cfg.max_length}, "
-                                                                          f"--max_prompt_length {cfg.max_prompt_length})" if cut else ""))
+                                                                          f"--max_prompt_length {cfg.max_prompt_length})" if cut else "")
+                     + (f"; {r['rows_used'] + r['earlier_turns']} assistant turns trained ({r['earlier_turns']} before a "
+                        f"conversation's last)" if r.get("earlier_turns") else ""))
     if report["test"]["in_training"]:
         lines.append(f"warning: {report['test']['in_training']} of the {report['test']['rows_used']} test prompts are also "
                      f"training prompts: their scores measure memory, not generalisation")
@@ -1361,6 +1419,7 @@ class TrainConfig:
     n_pref: int = 2000  # preference pairs: generated, or the first n_pref of --pref_data (0 = all) [0, inf)
     max_length: int = 512  # prompt + response tokens; longer rows are truncated [2, inf)
     max_prompt_length: int = 256  # a truncated prompt keeps at least its last this-many tokens [1, inf)
+    last_turn_only: bool = False  # chat SFT: only a conversation's last assistant turn carries the loss (default: every assistant turn)
     # --- optimisation: every stage has its own AdamW and schedule
     seed: int = 0  # seeds data generation, initialisation, shuffling and sampling [0, 4294967295]
     device: str = "auto"  # auto (CUDA if present) | cpu | cuda | cuda:N

@@ -240,10 +240,9 @@ def self_play_pairs(policy, examples: list[dict], cfg, *, tokenizer, seed: int, 
     for --max_new_tokens), then both responses share that prompt under common.truncate's rule."""
     bos, room = tokenizer.bos_token_id, max(cfg.max_length - cfg.max_new_tokens, cfg.max_prompt_length)
     prompts, golds = [], []
-    for e in examples:
-        n_prompt = e["labels"].count(C.IGNORE_INDEX)  # labels = [IGNORE] * prompt + response
-        prompts.append(C.keep_last(e["input_ids"][:n_prompt], room, bos))
-        golds.append(e["input_ids"][n_prompt:])
+    for e in examples:  # the gold response: a conversation's last assistant turn (earlier turns are prompt here)
+        prompts.append(C.keep_last(e["prompt_ids"], room, bos))
+        golds.append(e["input_ids"][len(e["prompt_ids"]):])
     C.seed_everything(seed)  # sampling draws from torch's global generator: same seed, same samples
     samples = C.generate(policy, prompts, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=cfg.max_new_tokens,
                          batch_size=cfg.eval_batch_size, device=device, dtype=dtype, do_sample=True, temperature=cfg.temperature, desc=desc)

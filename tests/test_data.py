@@ -236,7 +236,7 @@ def test_tokenize_counts_skipped_rows(tiny):
     rows = [SFT_ROWS[0], {"prompt": long_prompt, "completion": "alice found car"}, SFT_ROWS[1]]
     # max_prompt_length == max_length (check_config refuses it; truncate still guards): no room for a response
     examples, counts = common.tokenize_sft(rows, tok, 20, 20)
-    assert counts == {"prompt_cut": 0, "response_cut": 0, "skipped": 1, "identical": 0}
+    assert counts == {"prompt_cut": 0, "response_cut": 0, "skipped": 1, "identical": 0, "earlier_turns": 0}
     assert [e["prompt"] for e in examples] == [SFT_ROWS[0]["prompt"], SFT_ROWS[1]["prompt"]]
     pref_rows = [PREF_ROWS[0], {"prompt": long_prompt, "chosen": "a", "rejected": "bob"}]
     examples, counts = common.tokenize_pref(pref_rows, tok, 20, 20)
@@ -250,11 +250,11 @@ def test_tokenize_counts_cut_prompts_and_responses_by_hand(tiny):
             {"prompt": "summarize : bob sold it . :", "completion": "bob sold lamp ; carol fixed door ; dave lost book"},  # 7 + 12: response cut to 7
             {"prompt": "summarize : a . :", "completion": "alice found car"}]  # 5 + 4: fits
     examples, counts = common.tokenize_sft(rows, tok, 14, 8)
-    assert counts == {"prompt_cut": 1, "response_cut": 1, "skipped": 0, "identical": 0}
+    assert counts == {"prompt_cut": 1, "response_cut": 1, "skipped": 0, "identical": 0, "earlier_turns": 0}
     assert [len(e["input_ids"]) for e in examples] == [14, 14, 9]
     assert examples[1]["input_ids"][-1] != tok.eos_token_id  # the cut response lost its EOS
     pref = [{"prompt": rows[1]["prompt"], "chosen": "bob sold lamp", "rejected": rows[1]["completion"]}]  # only rejected is cut
-    assert common.tokenize_pref(pref, tok, 14, 8)[1] == {"prompt_cut": 0, "response_cut": 1, "skipped": 0, "identical": 0}
+    assert common.tokenize_pref(pref, tok, 14, 8)[1] == {"prompt_cut": 0, "response_cut": 1, "skipped": 0, "identical": 0, "earlier_turns": 0}
 
 
 def test_load_data_reports_truncation_per_data_set(tiny, tmp_path):
@@ -263,14 +263,14 @@ def test_load_data_reports_truncation_per_data_set(tiny, tmp_path):
     pref = write(tmp_path / "pref.jsonl", PREF_ROWS)
     cfg = make_cfg(sft_data=str(sft), pref_data=str(pref), max_length=14, max_prompt_length=8, max_new_tokens=4)
     report = common.load_data(cfg, tok)["report"]
-    counts = lambda r: {k: r[k] for k in ("rows_read", "rows_used", "prompt_cut", "response_cut", "skipped", "identical")}  # noqa: E731
+    counts = lambda r: {k: r[k] for k in ("rows_read", "rows_used", "prompt_cut", "response_cut", "skipped", "identical", "earlier_turns")}  # noqa: E731
     # SFT: 5 rows read, rows 1-3 train (2 held out). Prompt + response words (+ EOS): 11 + 4, 15 + 4 and 11 + 8 all
     # exceed 14, so every prompt is cut (down to 10, 10 and the floor of 8); row 3's response then keeps 14 - 8 = 6 of its 8
     assert (report["sft"]["source"], report["sft"]["split"]) == (str(sft), "(the whole file)")
-    assert counts(report["sft"]) == {"rows_read": 3, "rows_used": 3, "prompt_cut": 3, "response_cut": 1, "skipped": 0, "identical": 0}
+    assert counts(report["sft"]) == {"rows_read": 3, "rows_used": 3, "prompt_cut": 3, "response_cut": 1, "skipped": 0, "identical": 0, "earlier_turns": 0}
     # preference: 11 + max(4, 7), 11 + max(8, 2), 11 + max(4, 4) words: prompts cut to max(14 - 7, 8) = 8, 8 and 14 - 4 = 10;
     # then 14 - 8 = 6 tokens are left for the responses: rows 1 (rejected, 7) and 2 (chosen, 8) lose their right side
-    assert counts(report["pref"]) == {"rows_read": 3, "rows_used": 3, "prompt_cut": 3, "response_cut": 2, "skipped": 0, "identical": 0}
+    assert counts(report["pref"]) == {"rows_read": 3, "rows_used": 3, "prompt_cut": 3, "response_cut": 2, "skipped": 0, "identical": 0, "earlier_turns": 0}
     # test: the 2 held-out rows; both prompts (11 words) exceed max(14 - 4, 8) = 10 tokens of room; neither is a training prompt
     assert report["test"]["source"] == f"{sft} (its last 2 rows)"
     assert (report["test"]["rows_read"], report["test"]["rows_used"], report["test"]["prompt_cut"], report["test"]["in_training"]) == (2, 2, 2, 0)
@@ -288,7 +288,7 @@ def test_tokenize_truncates_long_prompt_from_the_left(tiny):
     _, tok = tiny
     row = {"prompt": "summarize : the weather was calm . alice found the car in the park . :", "completion": "alice found car"}
     examples, counts = common.tokenize_sft([row], tok, 12, 8)
-    assert counts == {"prompt_cut": 1, "response_cut": 0, "skipped": 0, "identical": 0}
+    assert counts == {"prompt_cut": 1, "response_cut": 0, "skipped": 0, "identical": 0, "earlier_turns": 0}
     e = examples[0]
     prompt_ids = ids_of(tok, row["prompt"])
     response_ids = ids_of(tok, "alice found car") + [tok.eos_token_id]
@@ -448,6 +448,86 @@ def test_chat_messages_rows_use_the_chat_template(tiny):
     # prompt/completion given as message lists work the same way
     row = {"prompt": CHAT[:1], "completion": CHAT[1:]}
     assert common.tokenize_sft([row], tok, 64, 48)[0][0]["input_ids"] == p + r
+
+
+# a 3-turn conversation with a system turn: every assistant turn is trained; system and user turns and the template's
+# markup before each assistant turn are not
+CONVERSATION = [{"role": "system", "content": "be brief ."},
+                {"role": "user", "content": "summarize : bob sold the lamp in the market ."},
+                {"role": "assistant", "content": "bob sold lamp"},
+                {"role": "user", "content": "summarize : alice found the car in the park ."},
+                {"role": "assistant", "content": "alice found car"},
+                {"role": "user", "content": "and the weather ?"},
+                {"role": "assistant", "content": "the weather was calm ."}]
+# (word, trained) in the order the template renders them: the earlier assistant turns with their " ; "
+RENDERED = [*[(w, False) for w in "system : be brief . ; user : summarize : bob sold the lamp in the market . ; assistant :".split()],
+            *[(w, True) for w in "bob sold lamp ;".split()],
+            *[(w, False) for w in "user : summarize : alice found the car in the park . ; assistant :".split()],
+            *[(w, True) for w in "alice found car ;".split()],
+            *[(w, False) for w in "user : and the weather ? ; assistant :".split()]]
+
+
+def test_every_assistant_turn_of_a_conversation_carries_the_loss(tiny):
+    _, tok = tiny
+    tok.chat_template = TEMPLATE
+    examples, counts = common.tokenize_sft([{"messages": CONVERSATION}], tok, 128, 64)
+    context = tok.convert_tokens_to_ids([w for w, _ in RENDERED])
+    last = ids_of(tok, "the weather was calm .") + [tok.eos_token_id]
+    e = examples[0]
+    assert e["input_ids"] == context + last and e["prompt_ids"] == context
+    assert e["labels"] == [i if trained else IGNORE_INDEX for i, (_, trained) in zip(context, RENDERED)] + last
+    assert counts["earlier_turns"] == 2 and e["reference"] == "the weather was calm ."
+    assert e["prompt"] == tok.apply_chat_template(CONVERSATION[:-1], tokenize=False, add_generation_prompt=True)
+    # --last_turn_only: the same tokens, only the last turn labelled (the behaviour before every turn was trained)
+    examples, counts = common.tokenize_sft([{"messages": CONVERSATION}], tok, 128, 64, last_turn_only=True)
+    assert examples[0]["input_ids"] == context + last and counts["earlier_turns"] == 0
+    assert examples[0]["labels"] == [IGNORE_INDEX] * len(context) + last
+
+
+def test_a_cut_conversation_keeps_the_labels_of_the_tokens_it_keeps(tiny):
+    _, tok = tiny
+    tok.chat_template = TEMPLATE
+    context = tok.convert_tokens_to_ids([w for w, _ in RENDERED])
+    last = ids_of(tok, "the weather was calm .") + [tok.eos_token_id]
+    keep = 30 - len(last)  # max_length 30: the prompt loses its left side (no BOS in this tokenizer's prompts)
+    assert tok("a").input_ids[:1] != [tok.bos_token_id] and len(context) > keep
+    examples, counts = common.tokenize_sft([{"messages": CONVERSATION}], tok, 30, 8)
+    labels = [i if trained else IGNORE_INDEX for i, (_, trained) in zip(context, RENDERED)][-keep:]
+    assert examples[0]["input_ids"] == context[-keep:] + last and examples[0]["labels"] == labels + last
+    assert counts["prompt_cut"] == 1
+    assert common.kept_labels([IGNORE_INDEX, 5, 6, 7], [1, 5, 6, 7], [1, 7], bos_id=1) == [IGNORE_INDEX, 7]  # a kept BOS
+
+
+def test_conversation_turn_counts_reach_the_data_report(tmp_path, tiny):
+    _, tok = tiny
+    tok.chat_template = TEMPLATE
+    sft = write(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}] * 3 + [{"messages": CHAT}] * 2)
+    cfg = make_cfg(sft_data=str(sft), pref_data=str(write(tmp_path / "p.jsonl", PREF_ROWS)), max_length=128)
+    data = common.load_data(cfg, tok)
+    assert data["report"]["sft"]["earlier_turns"] == 6 and data["report"]["sft"]["rows_used"] == 3  # (2 rows held out)
+    assert "3 of 3 rows used; 9 assistant turns trained (6 before a conversation's last)" in common.data_lines(data["report"], cfg)[0]
+    assert data["test"][0]["prompt"] == common.render_chat(tok, CHAT[:1], "x", True)
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused_unless_last_turn_only(tiny):
+    _, tok = tiny
+    tok.chat_template = ("{% for m in messages %}{% if loop.last %}{{ m['role'] }} ! {% else %}{{ m['role'] }} : {% endif %}"
+                         "{{ m['content'] }} ; {% endfor %}{% if add_generation_prompt %}assistant : {% endif %}")
+    with pytest.raises(DataError) as err:
+        common.tokenize_sft([SFT_ROWS[0], {"messages": CONVERSATION}], tok, 128, 64, where=numbered("chat.jsonl"))
+    assert_names(str(err.value), "chat.jsonl", row=2, field="messages")
+    assert "--last_turn_only" in str(err.value)
+    examples, _ = common.tokenize_sft([{"messages": CONVERSATION}], tok, 128, 64, last_turn_only=True)
+    assert examples[0]["labels"].count(IGNORE_INDEX) == len(examples[0]["prompt_ids"])
+
+
+def test_a_template_that_raises_names_the_row(tiny):
+    _, tok = tiny
+    tok.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system turns') }}{% endif %}" + TEMPLATE
+    with pytest.raises(DataError) as err:
+        common.tokenize_sft([{"messages": CHAT}, {"messages": CONVERSATION}], tok, 128, 64, where=numbered("chat.jsonl"))
+    assert_names(str(err.value), "chat.jsonl", row=2)
+    assert "no system turns" in str(err.value)
 
 
 def test_chat_rows_without_chat_template_fail_clearly(tiny):

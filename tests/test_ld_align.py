@@ -310,6 +310,21 @@ def test_self_play_pairs_are_seeded_and_share_the_prompt(tiny, tmp_path):
         assert 1 <= len(pair["rejected"]["input_ids"]) - n <= cfg.max_new_tokens
 
 
+def test_self_play_on_a_conversation_pairs_its_last_turn_and_leaves_earlier_turns_unlabelled(tiny, tmp_path):
+    """SFT trains every assistant turn; a self-play pair is the gold last turn against a sample after the same context."""
+    model, tok = tiny
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} ; {% endfor %}{% if add_generation_prompt %}assistant : {% endif %}"
+    chat = [{"role": "user", "content": "summarize : bob sold the lamp ."}, {"role": "assistant", "content": "bob sold lamp"},
+            {"role": "user", "content": "summarize : alice found the car ."}, {"role": "assistant", "content": "alice found car"}]
+    examples, counts = C.tokenize_sft([{"messages": chat}], tok, 64, 48)
+    assert counts["earlier_turns"] == 1 and examples[0]["labels"].count(C.IGNORE_INDEX) < len(examples[0]["prompt_ids"])
+    pair = L.self_play_pairs(model, examples, tiny_config(tmp_path), tokenizer=tok, seed=0, device=CPU, dtype=torch.float32)[0]
+    n, gold = len(examples[0]["prompt_ids"]), tok.convert_tokens_to_ids("alice found car".split()) + [tok.eos_token_id]
+    assert pair["prompt_ids"] == examples[0]["prompt_ids"]
+    assert pair["chosen"] == {"input_ids": examples[0]["prompt_ids"] + gold, "labels": [C.IGNORE_INDEX] * n + gold}
+    assert pair["rejected"]["labels"][:n] == [C.IGNORE_INDEX] * n
+
+
 # ============================================================================================
 # 4. iterations: the reference of iteration t is the policy at the end of iteration t-1
 # ============================================================================================

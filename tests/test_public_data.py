@@ -238,7 +238,11 @@ def test_ultrachat_row_sft(chat_tokenizer):
     assert set(row) == {"prompt", "prompt_id", "messages"} and len(row["messages"]) == 4
     q, good, _, follow, answer = P.CHATS[1]
     assert C.row_parts(row, "x", "sft") == ([user(q), assistant(good), user(follow)], [[assistant(answer)]])
-    assert C.row_texts(row, chat_tokenizer, "x", "sft") == (chat([user(q), assistant(good), user(follow)]), answer)
+    # both assistant turns are trained: the first as the text its message adds to the rendering, the last as the response
+    segments = ((f"user : {q} ; assistant : ", False), (f"{good} ; ", True), (f"user : {follow} ; assistant : ", False))
+    assert C.row_texts(row, chat_tokenizer, "x", "sft") == (segments, answer)
+    assert C.prompt_text(segments) == chat([user(q), assistant(good), user(follow)])
+    assert C.row_texts(row, chat_tokenizer, "x", "sft", last_turn_only=True) == (chat([user(q), assistant(good), user(follow)]), answer)
 
 
 def test_ultrafeedback_row_pref_and_sft(chat_tokenizer):
@@ -289,7 +293,11 @@ def test_capybara_messages(chat_tokenizer):
     row = P.rows(CAPY, "train")[1]
     assert set(row) == {"source", "messages", "num_turns"}
     q, good, _, follow, answer = P.CHATS[1]
-    assert C.row_texts(row, chat_tokenizer, "x", "sft") == (chat([user(q), assistant(good), user(follow)]), answer)
+    # both assistant turns are trained: the first as the text its message adds to the rendering, the last as the response
+    segments = ((f"user : {q} ; assistant : ", False), (f"{good} ; ", True), (f"user : {follow} ; assistant : ", False))
+    assert C.row_texts(row, chat_tokenizer, "x", "sft") == (segments, answer)
+    assert C.prompt_text(segments) == chat([user(q), assistant(good), user(follow)])
+    assert C.row_texts(row, chat_tokenizer, "x", "sft", last_turn_only=True) == (chat([user(q), assistant(good), user(follow)]), answer)
 
 
 @pytest.mark.parametrize("kind", ["sft", "pref"])
