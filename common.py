@@ -1148,7 +1148,26 @@ def hh_messages(text: str) -> list[dict] | None:
 
 def row_parts(row, where: str, kind: str) -> tuple:
     """The one place that decides a row's format (ROW_FORMATS): (prompt, [response]) for kind "sft", (prompt, [chosen, rejected])
-    for "pref", strings or message lists. An SFT row may be a preference row: its chosen response is the demonstration."""
+    for "pref", strings or message lists. An SFT row may be a preference row: its chosen response is the demonstration. A
+    'system' field makes the row a conversation that starts with that system message (never dropped)."""
+    prompt, responses = format_parts(row, where, kind)
+    if "system" not in row:
+        return prompt, responses
+    system = row["system"]
+    if system is not None and not isinstance(system, str):
+        raise DataError(f"{where}: field 'system' must be a string, got {type(system).__name__}: {str(system)[:80]!r}")
+    if isinstance(prompt, str) and all(isinstance(r, str) for r in responses):  # the prompt a user turn, each response an assistant's
+        prompt, responses = [{"role": "user", "content": prompt}], [[{"role": "assistant", "content": r}] for r in responses]
+    if not isinstance(prompt, list):  # (a string prompt with message-list responses: row_texts refuses it)
+        return prompt, responses
+    if prompt[:1] and prompt[0]["role"] == "system":
+        if system and prompt[0]["content"] != system:
+            raise DataError(f"{where}: field 'system' differs from the conversation's own system turn; keep one of them")
+        return prompt, responses
+    return ([{"role": "system", "content": system}] if system and system.strip() else []) + prompt, responses
+
+def format_parts(row, where: str, kind: str) -> tuple:
+    """row_parts without the 'system' field."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object with named fields, got {type(row).__name__}")
     if kind == "sft" and "messages" in row:  # a string 'prompt' beside it (H4's sets) repeats the first turn
@@ -1202,7 +1221,8 @@ def row_texts(row, tokenizer, where: str, kind: str, last_turn_only: bool = Fals
         if response[-1]["role"] != "assistant":
             raise DataError(f"{where}: field '{name}': the last message of a response must be from the assistant")
     if not tokenizer.chat_template:
-        raise DataError(f"{where}: the data is chat messages but the tokenizer has no chat template")
+        raise DataError(f"{where}: the data is chat messages{' (a system field makes a row a conversation)' if 'system' in row else ''}"
+                        f" but the tokenizer has no chat template")
     context = prompt + responses[0][:-1]
     if kind == "sft" and "messages" in row and not last_turn_only and any(m["role"] == "assistant" for m in context):
         return (conversation_segments(tokenizer, context, where), responses[0][-1]["content"])

@@ -530,6 +530,46 @@ def test_a_template_that_raises_names_the_row(tiny):
     assert "no system turns" in str(err.value)
 
 
+def test_a_system_field_reaches_the_chat_template_in_every_format(tiny):
+    _, tok = tiny
+    tok.chat_template = TEMPLATE
+    question, sys_turn = "summarize : alice found the car in the park .", {"role": "system", "content": "be brief ."}
+    rendered = f"system : be brief . ; user : {question} ; assistant : "
+    # strings (jondurbin/truthy-dpo's layout): the prompt becomes the user turn, each response an assistant turn
+    pref = {"system": "be brief .", "prompt": question, "chosen": "alice found car", "rejected": "the weather was calm ."}
+    assert common.row_texts(pref, tok, "x", "pref") == (rendered, "alice found car", "the weather was calm .")
+    sft = {"system": "be brief .", "prompt": question, "completion": "alice found car"}
+    assert common.row_texts(sft, tok, "x", "sft") == (rendered, "alice found car")
+    # message lists, a conversation, Anthropic HH strings: the system turn goes first
+    assert common.row_texts({"system": "be brief .", "messages": CHAT}, tok, "x", "sft") == (rendered, "alice found car")
+    assert common.row_texts({"system": "be brief .", "prompt": CHAT[:1], "completion": CHAT[1:]}, tok, "x", "sft") == (rendered, "alice found car")
+    hh = {"system": "be brief .", "chosen": f"\n\nHuman: {question}\n\nAssistant: alice found car",
+          "rejected": f"\n\nHuman: {question}\n\nAssistant: the weather was calm ."}
+    assert common.row_texts(hh, tok, "x", "pref") == (rendered, "alice found car", "the weather was calm .")
+    # the same system turn already in the conversation: kept once; an empty or null field adds none
+    assert common.row_texts({"system": "be brief .", "messages": [sys_turn, *CHAT]}, tok, "x", "sft") == (rendered, "alice found car")
+    for empty in ("", None):
+        assert common.row_texts({**sft, "system": empty}, tok, "x", "sft") == (f"user : {question} ; assistant : ", "alice found car")
+    # examples tokenize the rendered prompt
+    assert common.tokenize_sft([sft], tok, 64, 48)[0][0]["prompt"] == rendered
+
+
+def test_a_system_field_that_cannot_reach_the_template_is_refused_naming_the_row(tiny):
+    _, tok = tiny
+    sft = {"system": "be brief .", "prompt": "summarize : alice found the car .", "completion": "alice found car"}
+    cases = [(None, sft, "no chat template"),
+             (TEMPLATE, {**sft, "system": 3}, "field 'system' must be a string"),
+             (TEMPLATE, {"system": "be long .", "messages": [{"role": "system", "content": "be brief ."}, *CHAT]}, "differs"),
+             ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}" + TEMPLATE,
+              sft, "System role not supported")]
+    for template, row, says in cases:
+        tok.chat_template = template
+        with pytest.raises(DataError) as err:
+            common.tokenize_sft([SFT_ROWS[0], row], tok, 64, 48, where=numbered("sys.jsonl"))
+        assert_names(str(err.value), "sys.jsonl", row=2)
+        assert says in str(err.value) and "system" in str(err.value).lower(), str(err.value)
+
+
 def test_chat_rows_without_chat_template_fail_clearly(tiny):
     _, tok = tiny
     assert not tok.chat_template
