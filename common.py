@@ -1440,6 +1440,7 @@ class TrainConfig:
     max_length: int = 512  # prompt + response tokens; longer rows are truncated [2, inf)
     max_prompt_length: int = 256  # a truncated prompt keeps at least its last this-many tokens [1, inf)
     last_turn_only: bool = False  # chat SFT: only a conversation's last assistant turn carries the loss (default: every assistant turn)
+    show_examples: int = 0  # print the first N examples of each training set as the model sees them, the tokens with a loss in [[ ]], and exit [0, inf)
     # --- optimisation: every stage has its own AdamW and schedule
     seed: int = 0  # seeds data generation, initialisation, shuffling and sampling [0, 4294967295]
     device: str = "auto"  # auto (CUDA if present) | cpu | cuda | cuda:N
@@ -1551,7 +1552,8 @@ def check_config(cfg, need_pref: bool = True, problems: Iterable[str] = ()) -> N
     if not problems:  # the device, then the folder: only worth checking once the flags themselves are right
         try:
             pick_dtype(cfg.dtype, pick_device(cfg.device))
-            check_output_dir(cfg)
+            if not cfg.show_examples:  # (it only prints: the folder is not used)
+                check_output_dir(cfg)
         except ConfigError as e:
             problems.append(str(e))
     if problems:
@@ -1840,10 +1842,35 @@ def prepare(cfg, *, need_pref: bool = True, problems: Iterable[str] = ()) -> Sim
     checkpoint = load_checkpoint(out, cfg) if cfg.resume else None
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     data = load_data(cfg, tokenizer, need_pref)
+    if cfg.show_examples:  # before any model is loaded or file written
+        if is_main():
+            print("\n\n".join(example_lines(data, tokenizer, cfg.show_examples)))
+        raise SystemExit(0)
     check_data_unchanged(checkpoint, data)
     judge = load_reward_model(cfg.reward_model, tokenizer, cfg.trust_remote_code) if cfg.reward_model else None
     return SimpleNamespace(cfg=cfg, device=device, dtype=pick_dtype(cfg.dtype, device), out=out, checkpoint=checkpoint,
                            tokenizer=tokenizer, data=data, judge=judge, seen=run_files(out) if out.is_dir() else [])
+
+def marked_text(tokenizer, input_ids: list[int], labels: list[int]) -> str:
+    """The text of a sequence as the model sees it, each run of tokens that carries the loss in [[ ]]."""
+    ends = [t + 1 for t in range(len(labels)) if t + 1 == len(labels) or (labels[t] == IGNORE_INDEX) != (labels[t + 1] == IGNORE_INDEX)]
+    pieces, done = [], ""
+    for start, end in zip([0, *ends], ends):  # each run's text: what it adds to the decoded prefix (keeps the tokenizer's spacing)
+        text = tokenizer.decode(input_ids[:end], skip_special_tokens=False)
+        piece = text[len(done):] if text.startswith(done) else tokenizer.decode(input_ids[start:end], skip_special_tokens=False)
+        pieces.append(f"[[{piece}]]" if labels[start] != IGNORE_INDEX else piece)
+        done = text
+    return "".join(pieces)
+
+def example_lines(data: dict, tokenizer, n: int) -> list[str]:
+    """--show_examples: the first n SFT examples and preference pairs, marked by marked_text."""
+    lines = []
+    for i, e in enumerate(data["sft"][:n]):
+        lines.append(f"SFT example {i + 1} of {len(data['sft'])}:\n{marked_text(tokenizer, e['input_ids'], e['labels'])}")
+    for i, pair in enumerate(data["pref"][:n]):
+        lines += [f"preference pair {i + 1} of {len(data['pref'])}, {side}:\n{marked_text(tokenizer, **pair[side])}"
+                  for side in ("chosen", "rejected")]
+    return lines
 
 def check_data_unchanged(checkpoint: dict | None, data: dict) -> None:
     if changed := [k for k, digest in (checkpoint or {}).get("data_sha256", {}).items() if data["report"][k]["sha256"] != digest]:

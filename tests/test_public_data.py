@@ -505,6 +505,9 @@ def test_a_tiny_script_run_on_each_public_format(case, copies, chat_model, tmp_p
             assert (r["skipped"], r["identical"]) == (0, 0), kind
         label = {"sft": "SFT", "pref": "preference", "test": "test"}[kind]
         assert f"{label} data: {copies(name, layout)}, split {split}: {len(rows[kind])} of {len(rows[kind])} rows used" in stdout
+        if kind == "sft":  # every assistant turn of a conversation trained; one response per row of the other formats
+            turns = sum(sum(m["role"] == "assistant" for m in row["messages"]) if "messages" in row else 1 for row in rows[kind])
+            assert r["rows_used"] + r["earlier_turns"] == turns
     # evaluation used the test split's rows, in order; its overlap with the training prompts is reported and warned about
     results = json.loads((out / "results.json").read_text())
     test_name = sets["test"][0]
@@ -520,3 +523,90 @@ def test_a_tiny_script_run_on_each_public_format(case, copies, chat_model, tmp_p
     if "pref" in sets:
         assert sum("loss/dpo" in r for r in logged) == steps(len(rows["pref"]))
     assert (out / "final").is_dir()
+
+
+# ------------------------------------------------------------------------------------------------
+# Multi-turn conversations with a real (ChatML) template: every assistant turn carries the loss
+# ------------------------------------------------------------------------------------------------
+
+SYSTEM = "You are a careful gardener."
+
+
+def conversations():
+    """Rows of 2, 3 and 4 assistant turns, with and without a system turn (or a system column), from P.CHATS."""
+    first = [[user(q), assistant(good)] for q, good, _, _, _ in P.CHATS]
+    follow = [[user(f), assistant(fa)] for _, _, _, f, fa in P.CHATS]  # (the short exchanges: every row fits 256 positions)
+    return [{"messages": first[0] + follow[0]},                                                         # 2 turns
+            {"messages": [{"role": "system", "content": SYSTEM}, *first[1], *follow[1], *follow[2]]},  # 3, a system turn
+            {"system": SYSTEM, "messages": [*follow[0], *follow[2], *follow[3], *follow[10]]}]           # 4, a system column
+
+
+def test_every_assistant_turn_of_a_chatml_conversation_carries_the_loss(chat_model, tmp_path):
+    import torch
+
+    model, tok = C.load_model_and_tokenizer(str(chat_model))
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in conversations()))
+    got = C.read_rows(str(path))
+    examples, counts = C.tokenize_sft(got.rows, tok, 256, 128, where=got.where)
+    assert counts["earlier_turns"] == 1 + 2 + 3
+    for row, e in zip(got.rows, examples):
+        messages = row["messages"]
+        answers = [m["content"] for m in messages if m["role"] == "assistant"]
+        # the labelled runs, turn by turn: each earlier answer with its "<|im_end|>\n", the last with EOS
+        runs, run = [], []
+        for token, label in zip(e["input_ids"], e["labels"]):
+            if label != C.IGNORE_INDEX:
+                run.append(token)
+            elif run:
+                runs, run = runs + [run], []
+        runs += [run] if run else []
+        expected = [tok(a + "<|im_end|>\n", add_special_tokens=False).input_ids for a in answers[:-1]]
+        expected.append(tok(answers[-1], add_special_tokens=False).input_ids + [tok.eos_token_id])
+        assert runs == expected
+        # no system or user text carries the loss; all of it is in the input
+        trained = tok.decode([t for t, label in zip(e["input_ids"], e["labels"]) if label != C.IGNORE_INDEX])
+        context = tok.decode([t for t, label in zip(e["input_ids"], e["labels"]) if label == C.IGNORE_INDEX])
+        for m in ([{"role": "system", "content": SYSTEM}] if "system" in row else []) + messages:
+            assert (m["content"] in trained) == (m["role"] == "assistant") and (m["content"] in context) == (m["role"] != "assistant")
+        # the SFT loss equals a brute-force mean over the assistant turns' tokens, found by searching the input for each run
+        positions, start = [], 0
+        for run in expected:
+            at = next(i for i in range(start, len(e["input_ids"])) if e["input_ids"][i:i + len(run)] == run)
+            positions, start = positions + list(range(at, at + len(run))), at + len(run)
+        with torch.no_grad():
+            logits = model(torch.tensor([e["input_ids"]])).logits[0].float()
+        brute = -sum(torch.log_softmax(logits[t - 1], -1)[e["input_ids"][t]] for t in positions) / len(positions)
+        loss = C.sft_backward(model, [[e]], [e], device=torch.device("cpu"), dtype=torch.float32)
+        assert loss.item() == pytest.approx(brute.item(), rel=1e-5)
+
+
+def test_show_examples_marks_every_assistant_turn_and_touches_no_folder(chat_model, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import script_env
+
+    sft, pref = tmp_path / "chat.jsonl", tmp_path / "pref.jsonl"
+    sft.write_text("".join(json.dumps(r) + "\n" for r in conversations()))
+    q, good, weak, _, _ = P.CHATS[5]
+    pref.write_text(json.dumps({"system": SYSTEM, "prompt": q, "chosen": good, "rejected": weak}) + "\n")
+    out = tmp_path / "earlier_run"
+    out.mkdir()
+    (out / "results.json").write_text("{}")  # another run's files: --show_examples neither refuses nor touches them
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
+    proc = subprocess.run([sys.executable, "two_stage_baseline.py", "--model", str(chat_model), "--sft_data", str(sft), "--pref_data",
+                           str(pref), "--eval_size", "1", "--max_length", "256", "--max_prompt_length", "128", "--show_examples", "1",
+                           "--output_dir", str(out)], cwd=C.Path(C.__file__).parent, env=script_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
+    assert "SFT example 1 of 2:" in proc.stdout and "SFT example 2" not in proc.stdout  # (the last row is held out for tests)
+    sft_text = proc.stdout.split("SFT example 1 of 2:\n")[1].split("preference pair")[0]
+    trained = re.findall(r"\[\[(.*?)\]\]", sft_text, re.S)
+    assert trained == [m["content"] + "<|im_end|>\n" for m in conversations()[0]["messages"][1:-1:2]] + \
+        [conversations()[0]["messages"][-1]["content"] + "<|im_end|>"]
+    for side, answer in (("chosen", good), ("rejected", weak)):  # the system column is in the prompt, untrained
+        text = proc.stdout.split(f"preference pair 1 of 1, {side}:\n")[1]
+        assert text.startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n")
+        assert re.findall(r"\[\[(.*?)\]\]", text.split("preference pair")[0], re.S) == [answer + "<|im_end|>"]
