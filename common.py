@@ -1622,7 +1622,9 @@ def check_output_dir(cfg) -> None:
     found = run_files(out) + [".replaced"] * os.path.lexists(out / ".replaced") if out.is_dir() else []
     if links := [name for name in [*found, ".lock"] if (out / name).is_symlink()]:
         raise ConfigError(f"--output_dir {out}: {links[0]} is a symbolic link; a run writes only real files in its folder: remove it")
-    if found and not (cfg.overwrite or cfg.resume):
+    # a run killed before its first checkpoint leaves only its log and half-written files: nothing to resume, so a rerun clears them
+    kept = [name for name in found if name not in ("metrics.jsonl", "metrics.jsonl.tmp") and not name.endswith(".tmp")]
+    if kept and not (cfg.overwrite or cfg.resume):
         raise ConfigError(f"--output_dir {out} holds another run's files ({', '.join(found)}); pass --overwrite to replace them, "
                           f"--resume to continue that run, or choose another --output_dir")
 
@@ -1762,7 +1764,7 @@ def save_checkpoint(run, state: dict, model=None, extra: dict | None = None, rea
     lines = metrics_lines(run.out)
     state = {**state, "config": dataclasses.asdict(run.cfg), "metrics_lines": len(lines),
              "metrics_sha256": hashlib.sha256("".join(lines).encode()).hexdigest(),
-             "data_sha256": {kind: r["sha256"] for kind, r in run.data["report"].items()}}
+             "data_sha256": {kind: r["sha256"] for kind, r in run.data["report"].items()}, "inputs": run.inputs}
     if model is not None:
         check_finite_weights(model, run.out / "checkpoint")
     state_dict = full_state_dict(model) if model is not None else None
@@ -1841,15 +1843,15 @@ def prepare(cfg, *, need_pref: bool = True, problems: Iterable[str] = ()) -> Sim
     device, out = pick_device(cfg.device), Path(cfg.output_dir)
     checkpoint = load_checkpoint(out, cfg) if cfg.resume else None
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    data = load_data(cfg, tokenizer, need_pref)
+    data, inputs = load_data(cfg, tokenizer, need_pref), input_prints(cfg)
     if cfg.show_examples:  # before any model is loaded or file written
         if is_main():
             print("\n\n".join(example_lines(data, tokenizer, cfg.show_examples)))
         raise SystemExit(0)
-    check_data_unchanged(checkpoint, data)
+    check_inputs_unchanged(checkpoint, data, inputs)
     judge = load_reward_model(cfg.reward_model, tokenizer, cfg.trust_remote_code) if cfg.reward_model else None
     return SimpleNamespace(cfg=cfg, device=device, dtype=pick_dtype(cfg.dtype, device), out=out, checkpoint=checkpoint,
-                           tokenizer=tokenizer, data=data, judge=judge, seen=run_files(out) if out.is_dir() else [])
+                           tokenizer=tokenizer, data=data, inputs=inputs, judge=judge, seen=run_files(out) if out.is_dir() else [])
 
 def marked_text(tokenizer, input_ids: list[int], labels: list[int]) -> str:
     """The text of a sequence as the model sees it, each run of tokens that carries the loss in [[ ]]."""
@@ -1872,9 +1874,34 @@ def example_lines(data: dict, tokenizer, n: int) -> list[str]:
                   for side in ("chosen", "rejected")]
     return lines
 
-def check_data_unchanged(checkpoint: dict | None, data: dict) -> None:
+def check_inputs_unchanged(checkpoint: dict | None, data: dict, inputs: dict) -> None:
+    """--resume: the data and the model folders (input_prints) as they were when the run began, or one line naming what changed."""
     if changed := [k for k, digest in (checkpoint or {}).get("data_sha256", {}).items() if data["report"][k]["sha256"] != digest]:
         raise ConfigError(f"--resume: {data['report'][changed[0]]['source']} changed since the checkpoint; start again with --overwrite")
+    for flag, then in (checkpoint or {}).get("inputs", {}).items():
+        now = inputs.get(flag)
+        if then != now:
+            names = sorted({*(then or {}), *(now or {})})
+            name = next(n for n in names if (then or {}).get(n) != (now or {}).get(n))
+            raise ConfigError(f"--resume: --{flag} {checkpoint['config'][flag]}: {name} "
+                              f"{'changed' if name in (then or {}) and name in (now or {}) else 'added' if name in (now or {}) else 'removed'}"
+                              f" since the checkpoint; start again with --overwrite")
+
+INPUT_FOLDERS = ("model", "reward_model")  # the flags naming model folders that shape a run's result
+WHOLE_HASH_BYTES = 64 << 20  # files up to this size are hashed whole; larger ones (weights) by size and modification time
+
+def input_prints(cfg) -> dict:
+    """{flag: {file: sha256, or "size bytes, mtime ns" above WHOLE_HASH_BYTES}} of each model folder the run reads (None for a hub
+    name, the built-in model or no flag): --resume refuses a folder whose config, tokenizer or weights changed since the run began."""
+    prints = {}
+    for flag in INPUT_FOLDERS:
+        folder = Path(getattr(cfg, flag, "") or "").expanduser()
+        files = sorted(f for f in folder.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(folder).parts)) \
+            if getattr(cfg, flag, "") and folder.is_dir() else None
+        prints[flag] = None if files is None else {
+            str(f.relative_to(folder)): files_sha256([f]) if f.stat().st_size <= WHOLE_HASH_BYTES else
+            f"{f.stat().st_size} bytes, mtime {f.stat().st_mtime_ns}" for f in files}
+    return prints
 
 def begin(run, policy, *models, resumed: bool | None = None) -> Callable[[dict], None]:
     """The data's longest sequence against the model's positions, one model against the free disk; then the folder is taken

@@ -253,7 +253,7 @@ def main(cfg: Config) -> dict:
         arms[:0] = [("two-stage", baseline, run.out / "two_stage")] + ([("joint", joint, run.out / "joint")] if cfg.joint_coef else [])
     checkpoints = [C.load_checkpoint(folder, arm_cfg) if cfg.resume and arm != "hbat" else run.checkpoint for arm, arm_cfg, folder in arms]
     for checkpoint in checkpoints:
-        C.check_data_unchanged(checkpoint, run.data)
+        C.check_inputs_unchanged(checkpoint, run.data, run.inputs)
     first = C.load_model(str(checkpoints[0]["folder"]) if checkpoints[0] else arms[0][1].model, run.tokenizer, cfg.trust_remote_code, cfg.seed)
     log = C.begin(run, first, resumed=any(checkpoints))
     print(f"{len(run.data['sft'])} SFT rows and {len(run.data['pref'])} preference pairs in {cfg.rounds} shards each; HBAT with "

@@ -488,7 +488,7 @@ def test_checkpoint_survives_a_stop_between_the_two_renames(tmp_path, monkeypatc
     """write_folder renames checkpoint -> checkpoint.old, then checkpoint.tmp -> checkpoint. Stopped in
     between, only checkpoint.old is there, and load_checkpoint reads it."""
     cfg = small(tmp_path)
-    run = SimpleNamespace(out=tmp_path, cfg=cfg, tokenizer=None, data={"report": {}})  # what save_checkpoint reads of C.prepare's run
+    run = SimpleNamespace(out=tmp_path, cfg=cfg, tokenizer=None, data={"report": {}}, inputs={})  # what save_checkpoint reads of C.prepare's run
     C.save_checkpoint(run, {"next_stage": 1})
     os.replace(tmp_path / "checkpoint", tmp_path / "checkpoint.old")
     state = C.load_checkpoint(tmp_path, dataclasses.replace(cfg, resume=True, output_dir=str(tmp_path / "moved")))

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from types import SimpleNamespace
+
 import common as C
 from conftest import ROOT, script_env
 
@@ -150,6 +152,57 @@ def test_resume_refuses_a_checkpoint_whose_files_changed(finished, tmp_path, dam
     assert snapshot(out) == before  # nothing touched
 
 
+@pytest.mark.parametrize("change", ["two tokenizer ids swapped", "weights changed"])
+def test_resume_refuses_a_model_folder_that_changed(tmp_path, tiny_dir, change):
+    """A changed --model folder between a kill and --resume: one line naming the flag and the file, nothing touched."""
+    import shutil
+
+    model, out = shutil.copytree(tiny_dir, tmp_path / "model"), tmp_path / "run"
+    first = run("--model", model, "--output_dir", out)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (out / "results.json").unlink()
+    if change == "weights changed":
+        from safetensors.torch import load_file, save_file
+        weights = load_file(model / "model.safetensors")
+        save_file({k: v + 0.01 for k, v in weights.items()}, model / "model.safetensors", metadata={"format": "pt"})
+        name = "model.safetensors"
+    else:  # the same words, two ids exchanged: a model that reads other tokens than the run began with
+        tokenizer = json.loads((model / "tokenizer.json").read_text())
+        vocab = tokenizer["model"]["vocab"]
+        a, b = list(vocab)[10:12]
+        vocab[a], vocab[b] = vocab[b], vocab[a]
+        (model / "tokenizer.json").write_text(json.dumps(tokenizer))
+        name = "tokenizer.json"
+    before = snapshot(out)
+    message = one_line_error(run("--model", model, "--output_dir", out, "--resume"))
+    assert f"--model {model}: {name} changed since the checkpoint" in message, message
+    assert snapshot(out) == before
+
+
+def test_input_prints_name_a_changed_added_or_removed_file_of_each_model_flag(tmp_path):
+    folder = tmp_path / "rm"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    cfg = SimpleNamespace(model="tiny", reward_model=str(folder))
+    then = C.input_prints(cfg)
+    assert then == {"model": None, "reward_model": {"config.json": C.files_sha256([folder / "config.json"])}}
+    checkpoint, data = {"inputs": then, "config": {"reward_model": str(folder)}}, {"report": {}}
+    C.check_inputs_unchanged(checkpoint, data, C.input_prints(cfg))  # unchanged: no error
+    for edit, says in ((lambda: (folder / "config.json").write_text('{"a": 1}'), "config.json changed"),
+                       (lambda: (folder / "extra.json").write_text("{}"), "config.json changed"),  # (the first difference is named)
+                       (lambda: (folder / "config.json").unlink(), "config.json removed")):
+        edit()
+        with pytest.raises(C.ConfigError, match=f"--reward_model {folder}: {says} since the checkpoint"):
+            C.check_inputs_unchanged(checkpoint, data, C.input_prints(cfg))
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(C.ConfigError, match=f"--reward_model {folder}: extra.json added since the checkpoint"):
+        C.check_inputs_unchanged(checkpoint, data, C.input_prints(cfg))
+    big = folder / "weights.bin"  # above WHOLE_HASH_BYTES a file is known by its size and modification time
+    with open(big, "wb") as f:
+        f.truncate(C.WHOLE_HASH_BYTES + 1)
+    assert C.input_prints(cfg)["reward_model"]["weights.bin"] == f"{C.WHOLE_HASH_BYTES + 1} bytes, mtime {big.stat().st_mtime_ns}"
+
+
 def test_resume_without_a_checkpoint_starts_from_the_beginning(tmp_path):
     """A run killed before its first checkpoint leaves a partial metrics.jsonl; --resume starts over."""
     out = tmp_path / "run"
@@ -160,6 +213,21 @@ def test_resume_without_a_checkpoint_starts_from_the_beginning(tmp_path):
     assert "no checkpoint" in proc.stdout and "starting from the beginning" in proc.stdout
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
     assert (out / "results.json").exists()
+
+
+def test_a_run_killed_before_its_first_checkpoint_can_be_rerun_plainly(tmp_path):
+    """Nothing of such a run can be resumed: its partial metrics.jsonl (and a half-written file) is no other run to keep."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"stage": "sft", "step": 7, "loss/sft": 9.9}\n')
+    (out / "sft.tmp").mkdir()  # a model folder it was writing when it died
+    proc = run("--output_dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '"loss/sft": 9.9' not in (out / "metrics.jsonl").read_text() and not (out / "sft.tmp").exists()
+    assert (out / "results.json").exists()
+    # a folder holding a checkpoint (something --resume can continue) is still refused without --overwrite or --resume
+    (out / "results.json").unlink()
+    assert "holds another run's files" in one_line_error(run("--output_dir", out))
 
 
 # ============================================================================================
