@@ -1559,10 +1559,25 @@ def check_config(cfg, need_pref: bool = True, problems: Iterable[str] = ()) -> N
     if problems:
         raise ConfigError(problems[0] if len(problems) == 1 else "bad settings:\n  " + "\n  ".join(problems))
 
+def stop_message(e: BaseException) -> str:
+    """cli's one line for a run that stopped: what happened, and what to do."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted: every file in --output_dir is whole; --resume continues from the last checkpoint"
+    if isinstance(e, torch.OutOfMemoryError):
+        return "error: out of GPU memory; lower --batch_size (or raise --grad_accum_steps), --eval_batch_size, --ppo_batch_size or --max_length"
+    if isinstance(e, MemoryError):
+        return "error: out of memory; the checkpoints are kept: free some, then --resume continues"
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return f"error: no space left on the device ({e.filename}); free some, then --resume"
+    if isinstance(e, OSError):
+        return f"error: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}; the checkpoints are kept: fix it, then --resume continues"
+    return f"error: {e}"
+
 def cli(main: Callable, config_cls) -> None:
     """Every script's entry point: flags -> config -> (torchrun: join the process group) -> main(config). A
     UserError prints its message alone and exits 2 (bad input) or 1 (a stopped run); SIGINT and SIGTERM stop
-    resumably (130), a full disk too (1); another error puts back the run --overwrite moved aside."""
+    resumably (130), resource errors too (disk, file size, permission, memory: 1); another error puts back the
+    run --overwrite moved aside."""
     debug = "--debug" in sys.argv[1:] or os.environ.get("ALIGN_DEBUG", "0") not in ("", "0")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops a run as SIGINT does
     code, resumable = None, False
@@ -1572,21 +1587,16 @@ def cli(main: Callable, config_cls) -> None:
         main(cfg)
         barrier()  # every rank done before any leaves
         code = 0
-    except (UserError, KeyboardInterrupt, torch.OutOfMemoryError, OSError) as e:
-        if isinstance(e, OSError) and e.errno != errno.ENOSPC:
-            raise
+    except (UserError, KeyboardInterrupt, torch.OutOfMemoryError, MemoryError, OSError) as e:
         code = 130 if isinstance(e, KeyboardInterrupt) else 2 if isinstance(e, (ConfigError, DataError)) else 1
-        resumable = isinstance(e, (KeyboardInterrupt, OSError))  # an interruption or a full disk: --resume continues
+        # an interruption or a resource error (disk, file size, permission, memory): the run's checkpoints stay for --resume
+        resumable = isinstance(e, (KeyboardInterrupt, OSError, MemoryError, torch.OutOfMemoryError))
         if debug:
             if dist.is_initialized():  # (os._exit below would swallow the traceback)
                 traceback.print_exc()
             raise
         if is_main():  # every rank meets the same bad input: one message
-            print({KeyboardInterrupt: "interrupted: every file in --output_dir is whole; --resume continues from the last checkpoint",
-                   torch.OutOfMemoryError: "error: out of GPU memory; lower --batch_size (or raise --grad_accum_steps), "
-                                           "--eval_batch_size, --ppo_batch_size or --max_length",
-                   OSError: f"error: no space left on the device ({getattr(e, 'filename', '')}); free some, then --resume"}.get(
-                       type(e), f"error: {e}"), file=sys.stderr)
+            print(stop_message(e), file=sys.stderr)
     finally:
         if not resumable:
             put_back_replaced()  # an error or a crash before this run finished (a no-op once it has)

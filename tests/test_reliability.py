@@ -415,6 +415,32 @@ def test_a_killed_overwrite_keeps_the_earlier_run_aside_until_one_finishes(finis
     assert not (out / ".replaced").exists() and json.loads((out / "results.json").read_text())["config"]["seed"] == 4
 
 
+@pytest.mark.parametrize("failure", [OSError(errno.EFBIG, "File too large"), PermissionError(errno.EACCES, "Permission denied", "x"),
+                                     MemoryError()], ids=["file too large", "permission", "memory"])
+def test_a_late_resource_error_is_one_line_and_the_run_resumes(finished, tmp_path, monkeypatch, capsys, failure):
+    """An --overwrite run that meets a resource error after its first checkpoint keeps its checkpoints (and the earlier
+    run aside) and says so in one line; --resume then finishes it with the uninterrupted run's results."""
+    import two_stage_baseline
+    out = copy_run(finished, tmp_path / "run")
+
+    def fails(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(C, "train_dpo", fails)  # after the SFT stage's checkpoint
+    monkeypatch.setattr(sys, "argv", ["two_stage_baseline.py", *TINY, "--overwrite", "--output_dir", str(out)])
+    with pytest.raises(SystemExit) as info:
+        C.cli(two_stage_baseline.main, two_stage_baseline.Config)
+    stderr = capsys.readouterr().err
+    assert info.value.code == 1 and "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "--resume continues" in lines[0], stderr
+    assert (out / "checkpoint" / "state.json").exists() and (out / ".replaced" / "results.json").exists()
+    monkeypatch.undo()
+    resumed = run("--output_dir", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["sft+dpo"] == json.loads((finished / "results.json").read_text())["sft+dpo"]
+
+
 def test_hbat_resumes_from_a_checkpoint_written_after_its_last_stage(tmp_path):
     import hbat
     cfg = hbat.Config(n_sft=16, n_pref=16, eval_size=4, sft_epochs=1, batch_size=8, max_new_tokens=6, eval_batch_size=8, rounds=1,
