@@ -1576,11 +1576,11 @@ def stop_message(e: BaseException) -> str:
 def cli(main: Callable, config_cls) -> None:
     """Every script's entry point: flags -> config -> (torchrun: join the process group) -> main(config). A
     UserError prints its message alone and exits 2 (bad input) or 1 (a stopped run); SIGINT and SIGTERM stop
-    resumably (130), resource errors too (disk, file size, permission, memory: 1); another error puts back the
-    run --overwrite moved aside."""
+    resumably (130), resource errors too (disk, file size, permission, memory: 1). Any failure leaves the run's
+    checkpoints for --resume."""
     debug = "--debug" in sys.argv[1:] or os.environ.get("ALIGN_DEBUG", "0") not in ("", "0")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops a run as SIGINT does
-    code, resumable = None, False
+    code = None
     try:
         cfg = parse_config(config_cls)
         init_distributed(cfg)
@@ -1589,17 +1589,13 @@ def cli(main: Callable, config_cls) -> None:
         code = 0
     except (UserError, KeyboardInterrupt, torch.OutOfMemoryError, MemoryError, OSError) as e:
         code = 130 if isinstance(e, KeyboardInterrupt) else 2 if isinstance(e, (ConfigError, DataError)) else 1
-        # an interruption or a resource error (disk, file size, permission, memory): the run's checkpoints stay for --resume
-        resumable = isinstance(e, (KeyboardInterrupt, OSError, MemoryError, torch.OutOfMemoryError))
         if debug:
             if dist.is_initialized():  # (os._exit below would swallow the traceback)
                 traceback.print_exc()
             raise
         if is_main():  # every rank meets the same bad input: one message
             print(stop_message(e), file=sys.stderr)
-    finally:
-        if not resumable:
-            put_back_replaced()  # an error or a crash before this run finished (a no-op once it has)
+    finally:  # (whatever stopped the run, its checkpoints stay for --resume)
         if dist.is_initialized() and code is not None:  # leave before gloo's threads can abort a rank in Python's clean-up
             dist.destroy_process_group()
             sys.stdout.flush(), sys.stderr.flush()
@@ -1610,12 +1606,13 @@ def cli(main: Callable, config_cls) -> None:
 
 # ==== Output folder, checkpoints, logs ======================================================================
 # Files are whole or absent (written under a temporary name, then renamed), never written through a symbolic link. One run
-# holds a folder (a lock on <output_dir>/.lock). --overwrite moves the earlier run's files to <output_dir>/.replaced/, deleted
-# when this run finishes, put back if it fails first. Checkpoints are safetensors and JSON (loading them runs no code), with a
+# holds a folder (a lock on <output_dir>/.lock). --overwrite removes the earlier run's files once every check has passed, its
+# checkpoint first (what is left of a removal stopped half-way cannot be resumed); from then on every failure leaves the new
+# run's checkpoints for --resume. Checkpoints are safetensors and JSON (loading them runs no code), with a
 # sha256 of every file a resumed run will read.
 
 RUN_FILES = ("results.json", "metrics.jsonl", "checkpoint", "sft", "reward_model", "final", "final_spin", "two_stage", "joint")
-_held = SimpleNamespace(lock=None, replaced=None)  # this process's lock, and (out, aside) while an earlier run waits aside
+_held = SimpleNamespace(lock=None)  # this process's lock on its --output_dir
 
 def run_files(out: Path) -> list[str]:
     """The earlier run's files and folders in `out`, leftovers of interrupted writes included."""
@@ -1629,7 +1626,7 @@ def check_output_dir(cfg) -> None:
     parent = next(p for p in [out, *out.absolute().parents] if p.exists())
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"--output_dir {out}: {parent} is not writable")
-    found = run_files(out) + [".replaced"] * os.path.lexists(out / ".replaced") if out.is_dir() else []
+    found = run_files(out) if out.is_dir() else []
     if links := [name for name in [*found, ".lock"] if (out / name).is_symlink()]:
         raise ConfigError(f"--output_dir {out}: {links[0]} is a symbolic link; a run writes only real files in its folder: remove it")
     # a run killed before its first checkpoint leaves only its log and half-written files: nothing to resume, so a rerun clears them
@@ -1639,8 +1636,8 @@ def check_output_dir(cfg) -> None:
                           f"--resume to continue that run, or choose another --output_dir")
 
 def take_folder(out: Path, cfg, resumed: bool, seen: list[str]) -> None:
-    """After every check: lock `out` (the OS drops the lock with its holder), then move an earlier run aside (--overwrite), or clear
-    one killed before its first checkpoint (--resume), or (resumed) clear leftovers of interrupted writes and results.json."""
+    """After every check: lock `out` (the OS drops the lock with its holder), then remove the earlier run's files (--overwrite, or a run
+    killed before its first checkpoint), or (resumed) the leftovers of interrupted writes and results.json."""
     out.mkdir(parents=True, exist_ok=True)
     release_lock()
     _held.lock = os.fdopen(os.open(out / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
@@ -1654,18 +1651,10 @@ def take_folder(out: Path, cfg, resumed: bool, seen: list[str]) -> None:
         raise ConfigError(f"--output_dir {out} changed while this run was starting (another run?); look at it and start again")
     if not resumed and cfg.resume and (out / "results.json").exists():
         raise ConfigError(f"--resume: {out} holds a finished run and no checkpoint; pass --overwrite to replace it")
-    aside = out / ".replaced"  # inside the folder: a rename never crosses file systems
-    if aside.exists() and (not any(aside.iterdir()) or (out / "results.json").exists()):
-        remove(aside)  # empty, or left by a run that finished: stale (else it holds the last finished run: it stays aside)
-    if not resumed and seen and cfg.overwrite and not aside.exists():
-        aside.mkdir()
-        _held.replaced = (out, aside)  # from the first move on, a failure puts back what moved
-        for name in seen:
-            os.replace(out / name, aside / name)
-    else:
-        for name in seen if not resumed else [n for n in seen if n.endswith(".tmp") or n == "results.json"]:
-            remove(out / name)
-    _held.replaced = (out, aside) if aside.exists() else None
+    if resumed:  # only leftovers of interrupted writes, and the results the resumed run will write again
+        seen = [name for name in seen if name.endswith(".tmp") or name == "results.json"]
+    for name in sorted(seen, key=lambda name: not name.startswith("checkpoint")):  # the checkpoint first: no half-removed resume
+        remove(out / name)
 
 def release_lock() -> None:
     if _held.lock is not None:
@@ -1675,17 +1664,6 @@ def release_lock() -> None:
 def remove(path: Path) -> None:
     """A file, a link (not what it points to) or a folder."""
     shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-
-def put_back_replaced() -> None:
-    """This run failed before it finished: its files go, and the earlier run moved aside comes back."""
-    if _held.replaced is not None and is_main():
-        (out, aside), _held.replaced = _held.replaced, None
-        for name in run_files(out):
-            remove(out / name)
-        for path in aside.iterdir():
-            os.replace(path, out / path.name)
-        aside.rmdir()
-        print(f"the earlier run in {out} is back in place", file=sys.stderr)
 
 def write_folder(path, fill: Callable[[Path], object]) -> None:
     """fill(tmp) writes a folder that then replaces `path`: an interruption leaves the old or the new one (between the renames the
@@ -1944,14 +1922,11 @@ def begin(run, policy, *models, resumed: bool | None = None) -> Callable[[dict],
     return log
 
 def finish(run, results: dict, columns: dict[str, dict], legend: str, examples: dict[str, list[str]], saved: list) -> dict:
-    """results.json (settings, data report, `results`, examples), the run --overwrite kept aside deleted, the metrics printed."""
+    """results.json (settings, data report, `results`, examples), the lock released, the metrics printed."""
     results = {"config": dataclasses.asdict(run.cfg), "data": run.data["report"], **results,
                "examples": [{"prompt": t["prompt"], "reference": t["reference"], **{k: v[i] for k, v in examples.items()}}
                             for i, t in enumerate(run.data["test"][:5])]}
     write_json(run.out / "results.json", results)
-    if is_main() and _held.replaced is not None:
-        shutil.rmtree(_held.replaced[1])
-        _held.replaced = None
     release_lock()
     meanings = ["instruction: the list format kept where the prompt asks for a list"] if not run.cfg.sft_data else []
     meanings += ["rougeL: F1 against the reference", f"reward: {results['reward_metric']}"]

@@ -398,24 +398,23 @@ def test_overwrite_replaces_only_the_earlier_runs_files(tmp_path):
     assert (out / "notes.txt").read_text() == "mine" and not (out / "final.tmp").exists()
     assert json.loads((out / "results.json").read_text())["config"]["seed"] == 0
     assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoint", "final", "metrics.jsonl", "notes.txt", "results.json", "sft"]
-    assert not (out / ".replaced").exists()  # the earlier run waited there until this one finished
+    assert not (out / ".replaced").exists()  # (nothing is kept aside)
 
 
 def without_lock(folder: Path) -> dict[str, str]:
     return {k: v for k, v in digest(folder).items() if k != ".lock"}
 
 
-def test_a_failed_overwrite_puts_the_earlier_run_back(tmp_path, monkeypatch, capsys):
-    """--overwrite moves the earlier run to <out>/.replaced/ when the new run takes the folder; the new run
-    stops in its DPO stage, and cli() deletes its files and puts the earlier run back, byte for byte."""
+def test_a_failed_overwrite_keeps_the_new_runs_checkpoint_and_the_users_files(tmp_path, monkeypatch, capsys):
+    """--overwrite removes the earlier run's files once every check has passed; the new run then stops in its DPO stage
+    (a NaN): what stays is the user's file and the new run's SFT model and checkpoint. Nothing is put back."""
     out = tmp_path / "run"
-    aside = out / ".replaced"
     two_stage_baseline.main(small(out, seed=1))
     (out / "notes.txt").write_text("mine")
-    before, seen = without_lock(out), {}
+    seen = {}
 
     def stopped(*args, **kwargs):
-        seen["aside"], seen["out"] = (sorted(p.name for p in folder.iterdir()) for folder in (aside, out))
+        seen["out"] = sorted(p.name for p in out.iterdir())
         raise C.NonFiniteError("dpo, epoch 1, step 1: loss/dpo is nan")
 
     monkeypatch.setattr(C, "train_dpo", stopped)
@@ -424,13 +423,10 @@ def test_a_failed_overwrite_puts_the_earlier_run_back(tmp_path, monkeypatch, cap
     with pytest.raises(SystemExit) as info:
         C.cli(two_stage_baseline.main, two_stage_baseline.Config)
     err = capsys.readouterr().err
-    assert info.value.code == 1 and "error: dpo, epoch 1, step 1: loss/dpo is nan" in err, err
-    assert f"the earlier run in {out} is back in place" in err
-    # while the new run ran: the earlier run's files aside, the new run's SFT model and the user's file in the folder
-    assert seen["aside"] == ["checkpoint", "final", "metrics.jsonl", "results.json", "sft"]
-    assert {"notes.txt", "sft", "metrics.jsonl", ".replaced"} <= set(seen["out"]) and "results.json" not in seen["out"]
-    assert without_lock(out) == before and not aside.exists()
-    assert json.loads((out / "results.json").read_text())["config"]["seed"] == 1
+    assert info.value.code == 1 and "error: dpo, epoch 1, step 1: loss/dpo is nan" in err and "back in place" not in err, err
+    assert seen["out"] == [".lock", "checkpoint", "metrics.jsonl", "notes.txt", "sft"]  # the earlier final/ and results.json: gone
+    assert sorted(p.name for p in out.iterdir()) == seen["out"] and (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["config"]["seed"] == 0  # the new run's
 
 
 def test_a_folder_in_use_by_another_run_is_refused(tmp_path):

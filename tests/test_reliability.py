@@ -272,18 +272,17 @@ def test_two_runs_started_together_into_one_folder_leave_one_whole_run(tmp_path)
 
 
 # ============================================================================================
-# --overwrite keeps the earlier run until the new one has finished
+# --overwrite: every check first, then the earlier run's files go; the new run's checkpoints stay on any failure
 # ============================================================================================
 
 
-def test_overwrite_that_fails_puts_the_earlier_run_back(finished, tmp_path):
+def test_overwrite_that_fails_late_keeps_the_new_run_and_the_users_files(finished, tmp_path):
     out = copy_run(finished, tmp_path / "run")
     (out / "notes.txt").write_text("mine")
-    before = snapshot(out)
     proc = run("--output_dir", out, "--overwrite", "--pref_lr", "1e30")  # passes every check, then the DPO loss blows up
     assert proc.returncode == 1 and "error:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "back in place" in proc.stderr
-    assert snapshot(out) == before and not (out / ".replaced").exists()
+    assert "back in place" not in proc.stderr and not (out / "results.json").exists() and (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["config"]["pref_lr"] == 1e30  # the new run's checkpoint
 
 
 def test_overwrite_that_finishes_deletes_the_earlier_run(finished, tmp_path):
@@ -386,13 +385,11 @@ def small(out, **overrides):
                                                 eval_batch_size=8, device="cpu", output_dir=str(out)), **overrides})
 
 
-def test_a_killed_overwrite_keeps_the_earlier_run_aside_until_one_finishes(finished, tmp_path, monkeypatch, capsys):
-    """--overwrite moves the earlier run into <out>/.replaced; a kill (or a full disk) then keeps both. A plain run is refused
-    (the earlier run still waits there); --overwrite again clears the killed run's files and keeps the earlier run aside until
-    it finishes; an empty .replaced (a move that never started) is stale and dropped."""
+def test_a_stopped_overwrite_leaves_the_new_run_resumable(finished, tmp_path, monkeypatch, capsys):
+    """A full disk in the new run's DPO stage: one line, the new run's checkpoint stays; a plain run is refused (it holds a
+    run); --resume finishes it with the uninterrupted run's results."""
     import two_stage_baseline
     out = copy_run(finished, tmp_path / "run")
-    earlier = snapshot(out)
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -402,24 +399,43 @@ def test_a_killed_overwrite_keeps_the_earlier_run_aside_until_one_finishes(finis
     with pytest.raises(SystemExit) as info:
         C.cli(two_stage_baseline.main, two_stage_baseline.Config)
     assert info.value.code == 1 and "no space left on the device" in capsys.readouterr().err
-    assert snapshot(out / ".replaced") == earlier  # kept aside, whole
-    assert (out / "checkpoint" / "state.json").exists()  # and the new run can --resume
+    assert (out / "checkpoint" / "state.json").exists() and not (out / "results.json").exists() and not (out / "final").exists()
     monkeypatch.undo()
     with pytest.raises(C.ConfigError, match="holds another run's files"):
         two_stage_baseline.main(small(out))
-    (out / "checkpoint").rename(tmp_path / "gone")  # a fresh --overwrite: the killed run's files go, the earlier run stays aside
-    two_stage_baseline.main(small(out, overwrite=True, seed=3))
-    assert not (out / ".replaced").exists() and json.loads((out / "results.json").read_text())["config"]["seed"] == 3
-    (out / ".replaced").mkdir()  # empty: stale
-    two_stage_baseline.main(small(out, overwrite=True, seed=4))
-    assert not (out / ".replaced").exists() and json.loads((out / "results.json").read_text())["config"]["seed"] == 4
+    two_stage_baseline.main(small(out, resume=True))
+    assert json.loads((out / "results.json").read_text())["sft+dpo"] == json.loads((finished / "results.json").read_text())["sft+dpo"]
+
+
+def test_an_overwrite_stopped_while_removing_the_earlier_run_leaves_nothing_to_resume(finished, tmp_path, monkeypatch):
+    """The checkpoint goes first: killed right after it, the half-removed run cannot be mistaken for one to continue."""
+    import two_stage_baseline
+    out = copy_run(finished, tmp_path / "run")
+    removed, remove = [], C.remove
+
+    def remove_then_stop(path):
+        remove(path)
+        removed.append(path.name)
+        if len(removed) == 1:
+            raise KeyboardInterrupt  # a kill right after the first removal
+
+    monkeypatch.setattr(C, "remove", remove_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        two_stage_baseline.main(small(out, overwrite=True, seed=5))
+    monkeypatch.undo()
+    assert removed == ["checkpoint"] and (out / "final").exists() and (out / "results.json").exists()
+    for refused, says in ((small(out, seed=5), "holds another run's files"), (small(out, seed=5, resume=True), "no checkpoint")):
+        with pytest.raises(C.ConfigError, match=says):
+            two_stage_baseline.main(refused)
+    two_stage_baseline.main(small(out, overwrite=True, seed=5))
+    assert json.loads((out / "results.json").read_text())["config"]["seed"] == 5
 
 
 @pytest.mark.parametrize("failure", [OSError(errno.EFBIG, "File too large"), PermissionError(errno.EACCES, "Permission denied", "x"),
                                      MemoryError()], ids=["file too large", "permission", "memory"])
 def test_a_late_resource_error_is_one_line_and_the_run_resumes(finished, tmp_path, monkeypatch, capsys, failure):
-    """An --overwrite run that meets a resource error after its first checkpoint keeps its checkpoints (and the earlier
-    run aside) and says so in one line; --resume then finishes it with the uninterrupted run's results."""
+    """An --overwrite run that meets a resource error after its first checkpoint keeps its checkpoints and says so in one
+    line; --resume then finishes it with the uninterrupted run's results."""
     import two_stage_baseline
     out = copy_run(finished, tmp_path / "run")
 
@@ -434,7 +450,7 @@ def test_a_late_resource_error_is_one_line_and_the_run_resumes(finished, tmp_pat
     assert info.value.code == 1 and "Traceback" not in stderr
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "--resume continues" in lines[0], stderr
-    assert (out / "checkpoint" / "state.json").exists() and (out / ".replaced" / "results.json").exists()
+    assert (out / "checkpoint" / "state.json").exists() and not (out / "results.json").exists()  # the earlier run's: removed
     monkeypatch.undo()
     resumed = run("--output_dir", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
