@@ -134,3 +134,51 @@ def test_resume_under_torchrun_ends_like_the_whole_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     drop = lambda r: {k: v for k, v in r.items() if k != "config"}  # noqa: E731 (the config differs in --resume)
     assert drop(json.loads((whole / "results.json").read_text())) == drop(json.loads((cut / "results.json").read_text()))
+
+
+def rank_pid(parent: int, rank: int) -> int | None:
+    """The pid of torchrun's worker with RANK=rank among the descendants of `parent` (from /proc), or None."""
+    for stat in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"RANK={rank}".encode() in stat.read_bytes().split(b"\0") and str(parent) in ancestors(int(stat.parent.name)):
+                return int(stat.parent.name)
+        except OSError:
+            continue
+    return None
+
+
+def ancestors(pid: int) -> list[str]:
+    chain = []
+    while pid > 1:
+        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        chain.append(str(pid))
+    return chain
+
+
+@pytest.mark.slow
+def test_a_lost_rank_after_the_first_checkpoint_leaves_the_new_run_resumable(tmp_path):
+    """--overwrite over a finished run under torchrun; rank 1 is killed once the new run's first checkpoint is written. The
+    new run's checkpoint stays (nothing is put back over it) and --resume finishes the run."""
+    import signal
+    import time
+
+    out, args = tmp_path / "run", [*TINY, "--pref", "ppo", "--pref_epochs", "3"]
+    assert subprocess.run([sys.executable, "two_stage_baseline.py", *map(str, TINY), "--output_dir", str(out)], cwd=REPO, env=env(),
+                          capture_output=True, timeout=300).returncode == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "two_stage_baseline.py",
+           *map(str, args), "--seed", "1", "--overwrite", "--output_dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        state, deadline = out / "checkpoint" / "state.json", time.time() + 240
+        while not (state.exists() and json.loads(state.read_text())["config"]["seed"] == 1):
+            assert time.time() < deadline and proc.poll() is None, "no checkpoint from the new run"
+            time.sleep(0.2)
+        os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
+        proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert json.loads(state.read_text())["config"]["seed"] == 1 and not (out / "results.json").exists()
+    resumed = torchrun("two_stage_baseline.py", *args, "--seed", "1", "--output_dir", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "--resume: continuing" in resumed.stdout and json.loads((out / "results.json").read_text())["config"]["seed"] == 1
