@@ -1569,9 +1569,15 @@ def stop_message(e: BaseException) -> str:
         return "error: out of memory; the checkpoints are kept: free some, then --resume continues"
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return f"error: no space left on the device ({e.filename}); free some, then --resume"
+    if isinstance(e, RuntimeError):  # (lost_peer)
+        return f"error: another process of this torchrun run stopped ({first_line(e)[:120]}); the checkpoints are kept: --resume continues"
     if isinstance(e, OSError):
         return f"error: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}; the checkpoints are kept: fix it, then --resume continues"
     return f"error: {e}"
+
+def lost_peer(e: BaseException) -> bool:
+    """A collective failed because another torchrun process stopped (gloo and NCCL raise plain RuntimeErrors for it)."""
+    return dist.is_initialized() and (isinstance(e, dist.DistError) or any(name in str(e) for name in ("gloo", "NCCL", "Connection closed")))
 
 def cli(main: Callable, config_cls) -> None:
     """Every script's entry point: flags -> config -> (torchrun: join the process group) -> main(config). A
@@ -1587,7 +1593,9 @@ def cli(main: Callable, config_cls) -> None:
         main(cfg)
         barrier()  # every rank done before any leaves
         code = 0
-    except (UserError, KeyboardInterrupt, torch.OutOfMemoryError, MemoryError, OSError) as e:
+    except (UserError, KeyboardInterrupt, torch.OutOfMemoryError, MemoryError, OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) and not lost_peer(e):
+            raise  # a bug: its traceback
         code = 130 if isinstance(e, KeyboardInterrupt) else 2 if isinstance(e, (ConfigError, DataError)) else 1
         if debug:
             if dist.is_initialized():  # (os._exit below would swallow the traceback)

@@ -157,8 +157,8 @@ def ancestors(pid: int) -> list[str]:
 
 @pytest.mark.slow
 def test_a_lost_rank_after_the_first_checkpoint_leaves_the_new_run_resumable(tmp_path):
-    """--overwrite over a finished run under torchrun; rank 1 is killed once the new run's first checkpoint is written. The
-    new run's checkpoint stays (nothing is put back over it) and --resume finishes the run."""
+    """--overwrite over a finished run under torchrun; rank 1 is killed once the new run's first checkpoint is written. Rank 0
+    says so in one line, the new run's checkpoint stays (nothing is put back over it) and --resume finishes the run."""
     import signal
     import time
 
@@ -174,10 +174,14 @@ def test_a_lost_rank_after_the_first_checkpoint_leaves_the_new_run_resumable(tmp
             assert time.time() < deadline and proc.poll() is None, "no checkpoint from the new run"
             time.sleep(0.2)
         os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
-        proc.communicate(timeout=120)
+        _, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode != 0
+    assert "[rank0]: Traceback" not in stderr  # rank 0: one line (what follows it is torchrun's own report)
+    assert [line for line in stderr.splitlines() if line.startswith("error:")] == [next(
+        line for line in stderr.splitlines() if line.startswith("error: another process of this torchrun run stopped"))]
+    assert "--resume continues" in stderr
     assert json.loads(state.read_text())["config"]["seed"] == 1 and not (out / "results.json").exists()
     resumed = torchrun("two_stage_baseline.py", *args, "--seed", "1", "--output_dir", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
