@@ -9,6 +9,7 @@
     python experiments/study.py --table ablations    # ... HBAT's regularisers: none / default / released / fisher / freeze / random
     python experiments/study.py --table fronts       # ... the fronts over DPO's beta and HBAT's M, + experiments/fronts.png
     python experiments/study.py --table ppo_main     # PPO at equal budgets: two-stage, PPO-ptx, HBAT (default, no penalty, the authors' recipe)
+    python experiments/study.py --table default_m    # HBAT's default SFT-stage M (1 or 0.1) at the scripts' default schedule
     python experiments/study.py --table ld_align     # LD-Align (policy and scratch guides) vs SPIN (uniform weights), from the full SFT model
     python experiments/study.py --table headroom     # ... from the warm-started model (ld_align.py --sft_epochs 0: room for self-play)
     python experiments/study.py --table all          # every table above (on the tiny model)
@@ -175,6 +176,15 @@ TABLES = {
         ("joint (dpo + 1 x SFT loss), lr 1:1", "hbat.py", [*MAIN_COMPARE, "--sft_lr", "2e-4"], "joint dpo"),
         ("hbat dpo (default EWC), lr 1:1", "hbat.py", [*MAIN_COMPARE, "--sft_lr", "2e-4"], "hbat dpo"),
         ("hbat dpo, no penalty, lr 1:1", "hbat.py", [*MAIN, "--ewc", "none", "--sft_lr", "2e-4"], "hbat dpo"),
+    ]},
+    # The default SFT-stage M, checked at the scripts' default schedule (batch 32, 10 warm-up steps, constant rate), K 5,
+    # beta 0.1: M 1 (the default) against 0.1 (ahead on the study's budget, sft_m_sweep). Rule, fixed before these cells
+    # run: the default becomes 0.1 if its mean is ahead of M 1 on greedy instruction and gold reward, and its sampled
+    # instruction and gold reward are ahead on at least 4 of 5 seeds each; otherwise it stays 1.
+    "default_m": {"baseline": "hbat dpo, SFT-stage M 1 (default schedule)", "metrics": METRICS + SAMPLED, "arms": [
+        ("two-stage dpo (default schedule)", "hbat.py", ["--pref", "dpo", "--compare", "--joint_coef", "1", *DEFAULT_EWC], "two-stage dpo"),
+        ("hbat dpo, SFT-stage M 1 (default schedule)", "hbat.py", ["--pref", "dpo", "--compare", "--joint_coef", "1", *DEFAULT_EWC], "hbat dpo"),
+        ("hbat dpo, SFT-stage M 0.1 (default schedule)", "hbat.py", ["--pref", "dpo", *sum_m("0.1", "100")], "hbat dpo"),
     ]},
     # the task's premise checks (README): the SFT model, two-stage's tax on it, and the hand-written oracle's headroom
     "premise": {"baseline": "two-stage dpo", "oracle": True, "metrics": METRICS + SAMPLED, "arms": [
