@@ -13,7 +13,7 @@ round 1's SFT adds the modified EWC penalty of the authors' released code:
     R     = R_prev + F                                       raw importance, one accumulator per stage type
     w_n   = R_n / sum_m R_m                                  (--ewc released: softmax_n(R), one-hot at s = 1e10)
     L_ewc = M * sum_n w_n * sum_j (lambda * (theta_nj - anchor_nj))^2,   anchor = the parameters at the stage start
-            M = 1 in SFT stages, 100 in preference stages            (--ewc released: 100 in both)
+            M = 0.1 in SFT stages, 100 in preference stages          (--ewc released: 100 in both)
 
 The released softmax puts all the weight on one tensor, where the penalty does nothing; normalised by its
 sum the weight spreads over the tensors the other objective moved (README, "HBAT").
@@ -44,7 +44,7 @@ class Config(C.TrainConfig):
     pref: str = "dpo"  # preference stage {dpo, ppo}
     rounds: int = 5  # K: shards of each data set, an SFT stage and a preference stage per shard (authors: 10) [1, inf)
     ewc: str = "hbat"  # regulariser: hbat (modified EWC), released (the authors' code exactly), fisher (textbook EWC), freeze (top tensors), random, none {hbat, released, fisher, freeze, random, none}
-    ewc_max_weight: float = 1.0  # M of the hbat (and random) penalty in SFT stages [0, inf)
+    ewc_max_weight: float = 0.1  # M of the hbat (and random) penalty in SFT stages (README: why 0.1) [0, inf)
     pref_ewc_max_weight: float = 100.0  # M of the hbat (and random) penalty in preference stages [0, inf)
     ewc_lambda: float = 1.0  # lambda inside the hbat (and random) penalty's square [0, inf)
     fisher_lambda: float = 1000.0  # --ewc fisher: lambda of (lambda / 2) * sum F (theta - anchor)^2 [0, inf)

@@ -55,7 +55,8 @@ SAMPLED = ("instruction_sampled", "reward_sampled")  # means over 4 samples per 
 TWO_STAGE = ("two-stage dpo", "two_stage_baseline.py", [], "sft+dpo")
 
 
-DEFAULT_EWC = ("--ewc", "hbat", "--ewc_max_weight", "1", "--pref_ewc_max_weight", "100")  # hbat.py's default, spelled out
+# hbat.py's default EWC up to commit 64566ba, spelled out ("default EWC" in the tables); default_m then moved the SFT-stage M to 0.1
+DEFAULT_EWC = ("--ewc", "hbat", "--ewc_max_weight", "1", "--pref_ewc_max_weight", "100")
 
 
 def sum_m(sft: str, pref: str) -> tuple[str, ...]:
