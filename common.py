@@ -1319,9 +1319,9 @@ def tokenize(texts: list[tuple], tokenizer, max_length: int, max_prompt_length: 
             continue
         counts["prompt_cut"] += len(cut[0]) < len(prompt_ids)
         counts["response_cut"] += any(len(a) < len(b) for a, b in zip(cut[1], response_ids))
-        counts["earlier_turns"] += sum(trained for _, trained in ([] if isinstance(prompt, str) else prompt))
         if len(responses) == 1:
             labels = kept_labels(prompt_labels, prompt_ids, cut[0], tokenizer.bos_token_id)
+            counts["earlier_turns"] += sum(a == IGNORE_INDEX != b for a, b in zip([IGNORE_INDEX, *labels], labels))  # (those kept)
             examples.append({**sequence(cut[0], cut[1][0], labels), "prompt": prompt_text(prompt), "reference": responses[0],
                              "prompt_ids": cut[0]})
         else:
@@ -1638,8 +1638,7 @@ def check_output_dir(cfg) -> None:
     if links := [name for name in [*found, ".lock"] if (out / name).is_symlink()]:
         raise ConfigError(f"--output_dir {out}: {links[0]} is a symbolic link; a run writes only real files in its folder: remove it")
     # a run killed before its first checkpoint leaves only its log and half-written files: nothing to resume, so a rerun clears them
-    kept = [name for name in found if name not in ("metrics.jsonl", "metrics.jsonl.tmp") and not name.endswith(".tmp")]
-    if kept and not (cfg.overwrite or cfg.resume):
+    if [n for n in found if n != "metrics.jsonl" and not n.endswith(".tmp")] and not (cfg.overwrite or cfg.resume):
         raise ConfigError(f"--output_dir {out} holds another run's files ({', '.join(found)}); pass --overwrite to replace them, "
                           f"--resume to continue that run, or choose another --output_dir")
 
@@ -1891,12 +1890,13 @@ def input_prints(cfg) -> dict:
     name, the built-in model or no flag): --resume refuses a folder whose config, tokenizer or weights changed since the run began."""
     prints = {}
     for flag in INPUT_FOLDERS:
-        folder = Path(getattr(cfg, flag, "") or "").expanduser()
-        files = sorted(f for f in folder.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(folder).parts)) \
-            if getattr(cfg, flag, "") and folder.is_dir() else None
-        prints[flag] = None if files is None else {
-            str(f.relative_to(folder)): files_sha256([f]) if f.stat().st_size <= WHOLE_HASH_BYTES else
-            f"{f.stat().st_size} bytes, mtime {f.stat().st_mtime_ns}" for f in files}
+        folder = Path(getattr(cfg, flag, "")).expanduser()
+        if not getattr(cfg, flag, "") or not folder.is_dir():
+            prints[flag] = None
+            continue
+        files = [f for f in sorted(folder.rglob("*")) if f.is_file() and not any(p.startswith(".") for p in f.relative_to(folder).parts)]
+        prints[flag] = {str(f.relative_to(folder)): files_sha256([f]) if f.stat().st_size <= WHOLE_HASH_BYTES else
+                        f"{f.stat().st_size} bytes, mtime {f.stat().st_mtime_ns}" for f in files}
     return prints
 
 def begin(run, policy, *models, resumed: bool | None = None) -> Callable[[dict], None]:

@@ -494,7 +494,7 @@ def test_a_cut_conversation_keeps_the_labels_of_the_tokens_it_keeps(tiny):
     examples, counts = common.tokenize_sft([{"messages": CONVERSATION}], tok, 30, 8)
     labels = [i if trained else IGNORE_INDEX for i, (_, trained) in zip(context, RENDERED)][-keep:]
     assert examples[0]["input_ids"] == context[-keep:] + last and examples[0]["labels"] == labels + last
-    assert counts["prompt_cut"] == 1
+    assert counts["prompt_cut"] == 1 and counts["earlier_turns"] == 1  # the first assistant turn was cut away, the second kept
     assert common.kept_labels([IGNORE_INDEX, 5, 6, 7], [1, 5, 6, 7], [1, 7], bos_id=1) == [IGNORE_INDEX, 7]  # a kept BOS
 
 
