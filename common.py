@@ -758,6 +758,50 @@ def preference_scorer(builtin: bool, reward_model, independent: bool, tokenizer,
     return score, "--reward_model score" if independent else "score of the reward model PPO optimised (not independent)"
 
 
+# ==== Diagnostics: what per-pair weights do to a DPO step (LD-Align's rho_* and cos_weighted_uniform) ======
+
+def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Spearman's rho: the Pearson correlation of the ranks of a and b (tied values share their mean rank).
+    None where either is constant (SPIN's weights, all 1): no ranking to correlate."""
+    def ranks(x):
+        _, tie_group, counts = torch.unique(x.double(), return_inverse=True, return_counts=True)
+        return (counts.cumsum(0) - (counts + 1) / 2)[tie_group]  # a tie group at ranks i..j gets (i + j) / 2
+    ra, rb = ranks(a) - ranks(a).mean(), ranks(b) - ranks(b).mean()
+    norm = ra.norm() * rb.norm()
+    return (ra @ rb / norm).item() if norm > 0 else None
+
+def margin_gradients(policy, pairs: list[dict], weights: list[float], *, pad_id: int, device, dtype):
+    """g_i = grad of the margin log pi(y_gold|x) - log pi(y_gen|x) of each pair, at the iteration's start. There pi is
+    the reference pi_{t-1}, every h_i = 0, and every pair's loss has the same slope in h (-beta/2 for -log sigmoid(beta h)):
+    g_i is pair i's loss gradient up to one shared factor. Returns ||g_i|| (n,), sum_i w_i g_i and sum_i g_i (flat, float32):
+    the first step's weighted (LD-Align) and uniform (SPIN) directions."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    norms, weighted, uniform = [], 0.0, 0.0
+    for pair, weight in zip(pairs, weights):
+        policy.zero_grad(set_to_none=True)
+        with autocast(device, dtype):
+            gold_logps, sample_logps, _ = concatenated_logps(policy, to_device(collate_pairs([pair], pad_id), device))
+        (gold_logps - sample_logps).sum().backward()
+        g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in params])
+        norms.append(g.norm())
+        weighted, uniform = weighted + weight * g, uniform + g
+    policy.zero_grad(set_to_none=True)
+    return torch.stack(norms), weighted, uniform
+
+def weight_diagnostics(weights: torch.Tensor, reward_gaps: torch.Tensor | None, grad_norms: torch.Tensor,
+                       weighted_update: torch.Tensor, uniform_update: torch.Tensor) -> dict[str, float]:
+    """rho_w_gap: do the weights rank the pairs by how much worse the sample is (gold reward of the gold response minus
+    the sample's)? rho_w_grad: by the size of the pair's own gradient? rho_grad_gap: does that size alone (SPIN's
+    weighting) already rank them by the gap? cos_weighted_uniform: the weighted step's direction against SPIN's
+    (1: the weights only rescale the step). Figures without meaning (constant weights: SPIN; no reward) are left out."""
+    gaps = reward_gaps if reward_gaps is not None else torch.zeros_like(grad_norms)  # (constant: no rho)
+    out = {"rho_w_gap": rank_correlation(weights, gaps), "rho_w_grad": rank_correlation(weights, grad_norms),
+           "rho_grad_gap": rank_correlation(grad_norms, gaps)}
+    if weights.min() < weights.max():
+        out["cos_weighted_uniform"] = F.cosine_similarity(weighted_update, uniform_update, dim=0).item()
+    return {k: v for k, v in out.items() if v is not None}
+
+
 # ############################################################################################################
 #   MACHINERY. You can stop reading here: the method is all above. Below: the built-in task, loading of
 #   models and data, and what makes a run safe to start, stop, resume, and spread over processes.

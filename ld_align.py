@@ -25,6 +25,7 @@ project's decisions (README, "LD-Align"), each a flag below.
 from __future__ import annotations
 
 import copy
+import random
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,7 @@ class Config(C.TrainConfig):
     guide_epochs: int = 1  # guide passes per iteration over that iteration's gold and generated responses [1, inf)
     guide_lr: float = 1e-3  # guide learning rate (one AdamW, kept across iterations; ~1e-4 for a real model's policy guide) (0, inf)
     guide_reads_prompt: bool = False  # decoder p(y | z): y rebuilt from the latent alone, which must carry what y says (README); True: p(y | x, z), the paper's
+    diagnostic_pairs: int = 256  # pairs per iteration whose own gradients show what the weights do (rho_*, cos_*: README); 0: off [0, inf)
     keep_identical: bool = False  # keep pairs whose sample equals the gold response (zero gradient; they only dilute the batch mean)
     sft_first: bool = False  # real data: run SFT on --sft_data first (default: --model is already SFT'd); the built-in task always does
     compare: bool = False  # also run the uniform-weight ablation (SPIN) from the same SFT model with the same seeds
@@ -59,6 +61,7 @@ class Config(C.TrainConfig):
 def check(cfg: Config) -> list[str]:
     rules = [(cfg.compare and cfg.weighting != "latent", "--compare runs the uniform ablation beside --weighting latent; drop one of them"),
              (cfg.guide == "policy" and cfg.fsdp, "--guide policy (the default) copies the policy whole: run it without --fsdp, or add --guide scratch"),
+             (cfg.fsdp and cfg.diagnostic_pairs, "--fsdp shards the gradients the per-pair diagnostics read whole: add --diagnostic_pairs 0"),
              (cfg.guide_heads >= 1 and cfg.guide_dim % cfg.guide_heads, f"--guide_dim {cfg.guide_dim} must be a multiple of --guide_heads {cfg.guide_heads}")]
     return [message for broken, message in rules if broken]
 
@@ -223,10 +226,8 @@ def latent_distances(guide: nn.Module, pairs: list[dict], *, pad_id: int, batch_
 
 def latent_weights(distances: torch.Tensor, w_max: float) -> torch.Tensor:
     """w_i = clip(d_i / mean(d), 0, w_max). All distances 0 (every sample is the gold answer): all w = 0."""
-    mean = distances.float().mean()
-    if mean == 0:
-        return torch.zeros_like(distances, dtype=torch.float32)
-    return (distances.float() / mean).clamp(0.0, w_max)
+    d = distances.float()
+    return (d / d.mean()).clamp(0.0, w_max) if d.mean() > 0 else torch.zeros_like(d)
 
 
 def pair_weights(distances: torch.Tensor | None, weighting: str, w_max: float, n: int) -> torch.Tensor:
@@ -236,7 +237,7 @@ def pair_weights(distances: torch.Tensor | None, weighting: str, w_max: float, n
 
 def self_play_pairs(policy, examples: list[dict], cfg, *, tokenizer, seed: int, device, dtype, desc: str = "sample") -> list[dict]:
     """One sample per training prompt from the current policy (seeded), paired with the gold response:
-    {"chosen": gold, "rejected": sample, "prompt_ids"}. Prompts are cut like evaluation prompts (room
+    {"chosen": gold, "rejected": sample, "prompt_ids", "prompt" (its text)}. Prompts are cut like evaluation prompts (room
     for --max_new_tokens), then both responses share that prompt under common.truncate's rule."""
     bos, room = tokenizer.bos_token_id, max(cfg.max_length - cfg.max_new_tokens, cfg.max_prompt_length)
     prompts, golds = [], []
@@ -247,10 +248,11 @@ def self_play_pairs(policy, examples: list[dict], cfg, *, tokenizer, seed: int, 
     samples = C.generate(policy, prompts, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=cfg.max_new_tokens,
                          batch_size=cfg.eval_batch_size, device=device, dtype=dtype, do_sample=True, temperature=cfg.temperature, desc=desc)
     pairs = []
-    for prompt_ids, gold, sample in zip(prompts, golds, samples):
+    for e, prompt_ids, gold, sample in zip(examples, prompts, golds, samples):
         cut = C.truncate(prompt_ids, [gold, sample], cfg.max_length, cfg.max_prompt_length, bos)
         if cut is not None:
-            pairs.append({"chosen": C.sequence(cut[0], cut[1][0]), "rejected": C.sequence(cut[0], cut[1][1]), "prompt_ids": cut[0]})
+            pairs.append({"chosen": C.sequence(cut[0], cut[1][0]), "rejected": C.sequence(cut[0], cut[1][1]), "prompt_ids": cut[0],
+                          "prompt": e["prompt"]})
     return pairs
 
 
@@ -270,8 +272,7 @@ def self_play(cfg: Config, state: dict, *, sample, weigh, train, after_iteration
         pairs, stats = sample(t)
         pairs, weigh_stats = weigh(pairs, t)
         train(pairs, t)
-        stats |= weigh_stats
-        after_iteration(t, stats)
+        after_iteration(t, stats | weigh_stats)
 
 
 def run_arm(name: str, weighting: str, policy, run, state: dict, checkpoint: dict | None, score_fn, log) -> None:
@@ -296,16 +297,31 @@ def run_arm(name: str, weighting: str, policy, run, state: dict, checkpoint: dic
         if not cfg.keep_identical:  # y_gen == y_gold: h == 0 whatever pi is, so no gradient (and d == 0)
             pairs = [p for p in pairs if p["chosen"] != p["rejected"]]
         if guide is None:  # SPIN
-            return [{**p, "weight": w} for p, w in zip(pairs, pair_weights(None, weighting, cfg.w_max, len(pairs)).tolist())], {}
+            pairs = [{**p, "weight": w} for p, w in zip(pairs, pair_weights(None, weighting, cfg.w_max, len(pairs)).tolist())]
+            return pairs, diagnose(pairs, t)
         stats = {"guide_loss": train_guide(guide, guide_optimizer, guide_seqs, cfg, pad_id=tokenizer.pad_token_id, seed=cfg.seed + t,
                                            device=device, log=log, desc=f"{name} guide {t}")}
         if not pairs:
             return pairs, stats
         distances = latent_distances(guide, pairs, pad_id=tokenizer.pad_token_id, batch_size=cfg.eval_batch_size, device=device)
         weights = pair_weights(distances, weighting, cfg.w_max, len(pairs)).tolist()  # common.train_dpo: loss = (1/n) sum_i w_i l_i
-        return [{**p, "weight": w} for p, w in zip(pairs, weights)], stats | {
+        pairs = [{**p, "weight": w} for p, w in zip(pairs, weights)]
+        return pairs, stats | diagnose(pairs, t) | {
             "d_mean": distances.mean().item(), "d_min": distances.min().item(), "d_max": distances.max().item(),
             "clipped": (distances > cfg.w_max * distances.mean()).float().mean().item()}
+
+    def diagnose(pairs, t):  # common.weight_diagnostics on --diagnostic_pairs of the pairs, drawn by the seed (every rank: all)
+        if not pairs or not cfg.diagnostic_pairs:
+            return {}
+        picked, gaps = random.Random(cfg.seed + t).sample(pairs, min(cfg.diagnostic_pairs, len(pairs))), None
+        if score_fn is not None:  # how much worse the sample is than the gold response, by the gold reward (or --reward_model)
+            prompts, prompt_ids = [p["prompt"] for p in picked], [p["prompt_ids"] for p in picked]
+            gold, sample = (torch.tensor(score_fn(prompts, tokenizer.batch_decode(ids, skip_special_tokens=True), prompt_ids, ids))
+                            for ids in ([p[side]["input_ids"][len(p["prompt_ids"]):] for p in picked] for side in ("chosen", "rejected")))
+            gaps = gold - sample
+        weights = [p["weight"] for p in picked]
+        return C.weight_diagnostics(torch.tensor(weights), gaps, *C.margin_gradients(policy, picked, weights, pad_id=tokenizer.pad_token_id,
+                                                                                     device=device, dtype=dtype))
 
     def train(pairs, t):
         if pairs:  # weighted self-play DPO against the frozen pi_{t-1}: the policy now
@@ -336,9 +352,8 @@ def main(cfg: Config) -> dict:
     run = C.prepare(cfg, need_pref=False, problems=check(cfg))
     checkpoint, run_sft = run.checkpoint, not cfg.sft_data or cfg.sft_first  # the built-in task always starts with SFT
     policy = C.load_model(str(run.out / "sft") if checkpoint and run_sft else cfg.model, run.tokenizer, cfg.trust_remote_code, cfg.seed)
-    resumed_policy = None  # the policy of an arm stopped mid-way
-    if checkpoint and checkpoint["iteration"] > 0:
-        resumed_policy = C.load_model(str(checkpoint["folder"]), run.tokenizer, cfg.trust_remote_code, cfg.seed)
+    resumed_policy = (C.load_model(str(checkpoint["folder"]), run.tokenizer, cfg.trust_remote_code, cfg.seed)  # an arm stopped mid-way
+                      if checkpoint and checkpoint["iteration"] > 0 else None)
     log = C.begin(run, policy, resumed_policy)
     tokenizer, data, device, dtype = run.tokenizer, run.data, run.device, run.dtype
     score_fn, score_name = C.preference_scorer(data["builtin"], run.judge, run.judge is not None, tokenizer, cfg, device, dtype)
@@ -375,7 +390,8 @@ def main(cfg: Config) -> dict:
                                                 for r in by_iteration}
     return C.finish(run, {"reward_metric": score_name, **state["finals"], "trajectory": state["trajectory"]}, columns,
                     "win_rate: against the SFT model's response, by reward (ties 1/2); identical: samples equal to the gold "
-                    "response; d_*: latent distances; clipped: weights cut at --w_max; guide_loss: reconstruction loss",
+                    "response; d_*: latent distances; clipped: weights cut at --w_max; guide_loss: reconstruction loss; rho_*, cos_*: "
+                    "what the weights do to the first step (common.weight_diagnostics, on --diagnostic_pairs of the pairs)",
                     state["examples"], ([run.out / "sft"] if run_sft else []) + final_dirs)
 
 

@@ -100,7 +100,7 @@ def test_two_processes_give_the_weights_of_one(mode, tiny_dir, tmp_path):
 SMOKE = [("two_stage_baseline.py", []), ("two_stage_baseline.py", ["--pref", "ppo", "--fsdp"]),
          ("two_stage_baseline.py", ["--fsdp", "--precompute_ref_logps", "--gradient_checkpointing", "--grad_accum_steps", "3"]),
          ("hbat.py", ["--rounds", "2", "--fsdp"]), ("hbat.py", ["--rounds", "2", "--pref", "ppo", "--ewc", "fisher"]),
-         ("ld_align.py", ["--iterations", "1", "--compare"]), ("ld_align.py", ["--iterations", "1", "--fsdp", "--guide", "scratch"])]
+         ("ld_align.py", ["--iterations", "1", "--compare"]), ("ld_align.py", ["--iterations", "1", "--fsdp", "--guide", "scratch", "--diagnostic_pairs", "0"])]
 
 
 @pytest.mark.slow

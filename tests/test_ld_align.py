@@ -221,6 +221,51 @@ def test_uniform_weights_are_all_one():
     assert torch.equal(L.pair_weights(d, "latent", 5.0, 2), L.latent_weights(d, 5.0))
 
 
+def test_rank_correlation_by_hand_with_ties_and_constants():
+    a, b = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([10.0, 20.0, 40.0, 30.0])
+    assert C.rank_correlation(a, b) == pytest.approx(1 - 6 * 2 / (4 * 15))  # Spearman's 1 - 6 sum d^2 / (n (n^2 - 1)), no ties
+    assert C.rank_correlation(a, -a) == pytest.approx(-1.0)
+    # ties share their mean rank: ranks (0.5, 0.5, 2) against (0, 1, 2), Pearson 1.5 / sqrt(1.5 * 2)
+    assert C.rank_correlation(torch.tensor([7.0, 7.0, 9.0]), torch.tensor([1.0, 2.0, 3.0])) == pytest.approx(1.5 / math.sqrt(3.0))
+    assert C.rank_correlation(torch.ones(3), torch.tensor([1.0, 2.0, 3.0])) is None  # SPIN's weights: nothing to rank
+
+
+def test_weight_diagnostics_on_a_hand_built_case():
+    w, gaps, norms = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.1, 0.5, 0.3]), torch.tensor([1.0, 1.0, math.sqrt(2)])
+    g = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # per-pair gradients: weighted (4, 5), uniform (2, 2)
+    got = C.weight_diagnostics(w, gaps, norms, w @ g, g.sum(0))
+    assert got["rho_w_gap"] == pytest.approx(0.5)  # ranks (0, 1, 2) against (0, 2, 1)
+    assert got["rho_w_grad"] == pytest.approx(math.sqrt(3) / 2)  # against (0.5, 0.5, 2)
+    assert got["rho_grad_gap"] == pytest.approx(0.0)  # (0.5, 0.5, 2) against (0, 2, 1)
+    assert got["cos_weighted_uniform"] == pytest.approx(18 / math.sqrt(41 * 8))
+    spin = C.weight_diagnostics(torch.ones(3), gaps, norms, g.sum(0), g.sum(0))
+    assert spin == {"rho_grad_gap": pytest.approx(0.0)}  # constant weights: no rho_w_*, no cosine
+    assert set(C.weight_diagnostics(w, None, norms, w @ g, g.sum(0))) == {"rho_w_grad", "cos_weighted_uniform"}  # no reward
+
+
+def test_margin_gradients_are_each_pairs_own_and_add_up_to_the_batch_gradient(self_play_setup, monkeypatch):
+    """||g_i|| from one backward per pair, by the plain log-prob path; sum_i w_i g_i equals the gradient of
+    sum_i w_i h_i in a single padded batch (the fast path): each pair's gradient is its own, none lost."""
+    policy, _, pairs, _ = self_play_setup
+    pairs, w = pairs[:4], [0.5, 2.0, 0.0, 1.0]
+    norms, weighted, uniform = C.margin_gradients(policy, pairs, w, pad_id=policy.config.pad_token_id, device=CPU, dtype=torch.float32)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    assert all(p.grad is None for p in params)  # nothing left for the DPO step that follows
+
+    def flat_grad(loss):
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True)])
+
+    monkeypatch.setattr(C, "FAST_LOGPS", False)
+    for pair, norm in zip(pairs, norms):
+        gold = C.sequence_logps(policy, C.collate([pair["chosen"]], policy.config.pad_token_id))[0]
+        sample = C.sequence_logps(policy, C.collate([pair["rejected"]], policy.config.pad_token_id))[0]
+        assert norm.item() == pytest.approx(flat_grad((gold - sample).sum()).norm().item(), rel=1e-4)
+    monkeypatch.setattr(C, "FAST_LOGPS", True)
+    gold, sample, _ = C.concatenated_logps(policy, C.collate_pairs(pairs, policy.config.pad_token_id))
+    torch.testing.assert_close(weighted, flat_grad((torch.tensor(w) * (gold - sample)).sum()), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(uniform, flat_grad((gold - sample).sum()), rtol=1e-4, atol=1e-5)
+
+
 # ============================================================================================
 # 3. the weighted self-play loss
 # ============================================================================================
@@ -427,6 +472,8 @@ def test_load_data_without_preference_data(tiny):
     (dict(w_max=0.0), "--w_max"),
     (dict(guide_dim=30, guide_heads=4), "multiple of --guide_heads"),
     (dict(iterations=0), "--iterations"),
+    (dict(diagnostic_pairs=-1), "--diagnostic_pairs"),
+    (dict(fsdp=True, guide="scratch"), "add --diagnostic_pairs 0"),
 ])
 def test_bad_settings_are_refused_before_anything_is_written(tmp_path, overrides, message):
     out = tmp_path / "never_created"
@@ -509,6 +556,10 @@ def test_smoke_ld_align_end_to_end_with_compare(script_run):
     assert {k: trajectory[2][k] for k in results["ld_align"]} == results["ld_align"]  # final = last iteration
     assert {"d_mean", "d_min", "d_max", "clipped", "guide_loss", "identical"} <= set(trajectory[1])
     assert "d_mean" not in trajectory[3] and "identical" in trajectory[3]
+    for row in trajectory[1:3]:  # the weights' diagnostics (on the built-in task: against the gold reward's gaps)
+        assert {"rho_w_gap", "rho_w_grad", "rho_grad_gap", "cos_weighted_uniform"} <= set(row)
+        assert all(-1 <= row[k] <= 1 for k in ("rho_w_gap", "rho_w_grad", "rho_grad_gap", "cos_weighted_uniform"))
+    assert "rho_grad_gap" in trajectory[3] and "rho_w_gap" not in trajectory[3] and "cos_weighted_uniform" not in trajectory[3]
     assert results["config"]["guide"] == "policy"  # the default: its decoder, the SFT model, starts below the uniform guess
     assert all(0 < r["guide_loss"] < math.log(len(C.load_tokenizer("tiny"))) for r in trajectory[1:3])
     assert all(set(e) == {"prompt", "reference", "sft", "ld_align", "spin"} for e in results["examples"])
