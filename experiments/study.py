@@ -11,7 +11,7 @@
     python experiments/study.py --table ppo_main     # PPO at equal budgets: two-stage, PPO-ptx, HBAT (default, no penalty, the authors' recipe)
     python experiments/study.py --table default_m    # HBAT's default SFT-stage M (1 or 0.1) at the scripts' default schedule
     python experiments/study.py --table ld_align     # LD-Align (policy and scratch guides) vs SPIN (uniform weights), from the full SFT model
-    python experiments/study.py --table headroom     # ... from the warm-started model (ld_align.py --sft_epochs 0: room for self-play)
+    python experiments/study.py --table headroom     # ... default guide, from the warm-started model (--sft_epochs 0: room for self-play)
     python experiments/study.py --table all          # every table above (on the tiny model)
     python experiments/study.py --table smollm2 --seeds 0 1 2      # two-stage vs HBAT-DPO on SmolLM2-135M-Instruct (reduced; ~35 min)
     python experiments/study.py --table smollm2_ld --seeds 0 1 2   # SPIN vs LD-Align on SmolLM2-135M-Instruct (reduced; ~35 min)
@@ -190,19 +190,20 @@ TABLES = {
     # the task's premise checks (README): the SFT model, two-stage's tax on it, and the hand-written oracle's headroom
     "premise": {"baseline": "two-stage dpo", "oracle": True, "metrics": METRICS + SAMPLED, "arms": [
         ("sft (the two-stage SFT model)", "two_stage_baseline.py", [], "sft"), TWO_STAGE]},
-    "ld_align": {"baseline": "spin (uniform), full SFT", "arms": [
+    # LD-Align against SPIN (one ld_align.py --compare run gives both, from the same SFT model and seeds), with the
+    # weights' per-iteration diagnostics; paired on the sampled metrics too
+    "ld_align": {"baseline": "spin (uniform), full SFT", "metrics": METRICS + SAMPLED, "paired": METRICS + SAMPLED,
+                 "diagnostics": True, "arms": [
         ld_align("spin (uniform), full SFT", "spin", *GUIDE),
         ld_align("ld-align, policy guide, full SFT", "ld_align", *GUIDE),
         ld_align("ld-align, policy guide reading the prompt, full SFT", "ld_align", "--guide", "policy", "--guide_reads_prompt"),
         ld_align("ld-align, scratch guide reading the prompt, full SFT", "ld_align", "--guide", "scratch", "--guide_reads_prompt"),
     ]},
-    "headroom": {"baseline": "spin (uniform), headroom", "arms": [
+    # reduced to the default guide (budget): the other guides' headroom rows ran on the previous task only
+    "headroom": {"baseline": "spin (uniform), headroom", "metrics": METRICS + SAMPLED, "paired": METRICS + SAMPLED,
+                 "diagnostics": True, "arms": [
         ld_align("spin (uniform), headroom", "spin", *GUIDE, "--sft_epochs", "0"),
         ld_align("ld-align, policy guide, headroom", "ld_align", *GUIDE, "--sft_epochs", "0"),
-        ld_align("ld-align, policy guide reading the prompt, headroom", "ld_align", "--guide", "policy", "--guide_reads_prompt",
-                 "--sft_epochs", "0"),
-        ld_align("ld-align, scratch guide reading the prompt, headroom", "ld_align", "--guide", "scratch", "--guide_reads_prompt",
-                 "--sft_epochs", "0"),
     ]},
     "smollm2": {"baseline": "two-stage dpo", "jobs": 1, "arms": [
         ("sft (the two-stage SFT model)", "hbat.py", SMOLLM2_HBAT, "two-stage sft"),
@@ -280,11 +281,12 @@ def ewc_shares(results: list[dict]) -> str:
     return " / ".join(f"{min(v):.2g}-{max(v):.2g}" for v in shares.values())
 
 
-def report(table: str, arms: list, baseline: str, runs: dict, seeds: list[int], metrics=METRICS) -> str:
-    """Markdown: mean +- sd per arm, and each arm minus the baseline, paired by seed (and HBAT's ewc_share)."""
+def report(table: str, arms: list, baseline: str, runs: dict, seeds: list[int], metrics=METRICS, paired=METRICS) -> str:
+    """Markdown: mean +- sd per arm, and each arm minus the baseline on the `paired` metrics, paired by seed (and HBAT's
+    ewc_share)."""
     shares = {name: ewc_shares([runs[name, s]["results"] for s in seeds]) if key.startswith("hbat") else ""
               for name, _, _, key in arms}
-    columns = ["arm", *metrics, *[f"{m} - baseline" for m in METRICS], f"ahead on {' / '.join(METRICS)}"]
+    columns = ["arm", *metrics, *[f"{m} - baseline" for m in paired], f"ahead on {' / '.join(paired)}"]
     columns += ["ewc_share sft / pref"] if any(shares.values()) else []
     lines = [(f"### {table}: mean +- sd over seeds {' '.join(map(str, seeds))}; paired: arm minus {baseline}, "
               f"same seed (mean +- sd of the difference; seeds where the arm is ahead)"), "",
@@ -293,13 +295,29 @@ def report(table: str, arms: list, baseline: str, runs: dict, seeds: list[int], 
         finals = [runs[name, s]["final"] for s in seeds]
         cells = [name] + [mean_sd([f[m] for f in finals]) for m in metrics]
         if name == baseline:
-            cells += [""] * (len(METRICS) + 1)
+            cells += [""] * (len(paired) + 1)
         else:
-            diffs = {m: [runs[name, s]["final"][m] - runs[baseline, s]["final"][m] for s in seeds] for m in METRICS}
-            cells += [mean_sd(diffs[m]) for m in METRICS]
-            cells.append(" / ".join(f"{sum(d > 0 for d in diffs[m])}/{len(seeds)}" for m in METRICS))
+            diffs = {m: [runs[name, s]["final"][m] - runs[baseline, s]["final"][m] for s in seeds] for m in paired}
+            cells += [mean_sd(diffs[m]) for m in paired]
+            cells.append(" / ".join(f"{sum(d > 0 for d in diffs[m])}/{len(seeds)}" for m in paired))
         cells += [shares[name]] if any(shares.values()) else []
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+DIAGNOSTICS = ("rho_w_gap", "rho_w_grad", "rho_grad_gap", "cos_weighted_uniform")  # ld_align.py's per-iteration figures (README)
+
+
+def weight_diagnostics(arms: list, runs: dict, seeds: list[int]) -> str:
+    """Markdown: per self-play arm and iteration, mean +- sd over seeds of what the weights did (ld_align.py's
+    trajectory rows; SPIN has rho_grad_gap only)."""
+    lines = [f"What the weights did, per iteration: mean +- sd over seeds {' '.join(map(str, seeds))} (on 256 pairs each)", "",
+             "| arm | iteration | " + " | ".join(DIAGNOSTICS) + " |", "|---" * (len(DIAGNOSTICS) + 2) + "|"]
+    for name, _, _, key in arms:
+        rows = [[r for r in runs[name, s]["results"]["trajectory"] if r["arm"] == key] for s in seeds]
+        for t in range(min(map(len, rows))):
+            cells = [mean_sd([r[t][d] for r in rows]) if all(d in r[t] for r in rows) else "" for d in DIAGNOSTICS]
+            lines.append(f"| {name} | {t + 1} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -415,7 +433,10 @@ def main() -> None:
                                                                 known.smollm2), commands)))
         runs = {(name, seed): {"final": final_of(results[script, tuple(args), seed], key), "results": results[script, tuple(args), seed]}
                 for seed in known.seeds for name, script, args, key in spec["arms"]}
-        text = report(table, spec["arms"], spec["baseline"], runs, known.seeds, spec.get("metrics", METRICS))
+        text = report(table, spec["arms"], spec["baseline"], runs, known.seeds, spec.get("metrics", METRICS),
+                      spec.get("paired", METRICS))
+        if spec.get("diagnostics"):
+            text += "\n\n" + weight_diagnostics(spec["arms"], runs, known.seeds)
         if spec.get("oracle"):
             text += "\n\n" + premise_checks(runs, known.seeds)
         print("\n" + text + f"\n\n({time.time() - start:.0f} s)\n", flush=True)
