@@ -827,6 +827,7 @@ FILLERS = ["the weather was calm .", "nothing else happened .", "it was a long d
 TASK_SPECIALS, STYLE_BONUS = ["<pad>", "<unk>", "<eos>"], 0.5  # the bonus for joining every pair of clauses with "and"
 PROSE, LIST = " summary :", " summary as a list :"  # the two ways a prompt ends
 _FACT = re.compile(r"(?:(?<=: )|(?<=\. ))(\w+) (\w+) the (\w+) in the (\w+) \.")  # a whole sentence: "x never ..." is not one
+_NEGATED = re.compile(r"(\w+) never (\w+) the (\w+) in the \w+ \.")
 
 def task_vocabulary() -> list[str]:
     words = {w for s in FILLERS + [PROSE, LIST] for w in s.split()} | {"summarize", ";", "and", "the", "in", ".", "never"}
@@ -895,6 +896,25 @@ def oracle_summary(prompt: str) -> str:
     """The best response on both axes, written by hand: every fact, joined with ' ; ' on a list prompt, 'and' elsewhere."""
     facts = [(n, v, o) for n, v, o, _ in _FACT.findall(prompt)]
     return summary(facts, [not prompt.endswith(LIST)] * (len(facts) - 1))
+
+def drifted_reference(prompt: str, reference: str, rng: random.Random, error_rate: float = 0.5) -> str:
+    """The drift variant (ld_align.py --task drift): a reference as the starting model's weaker annotators wrote it.
+    Its clauses in reverse order, a coherent drift that neither the gold reward nor the instruction score reads (ROUGE-L
+    does), and, where the document has a negated fact, that fact stated as true with probability error_rate: a wrong
+    fact the starting model then makes as often as not, a high-likelihood error (README, LD-Align)."""
+    clauses, joins = _clauses(reference)
+    clauses = clauses[::-1]
+    negated = _NEGATED.search(prompt)
+    if negated and joins and rng.random() < error_rate:
+        clauses.insert(rng.randint(0, len(clauses)), negated.groups())
+        joins.append(joins[0])
+    return " ".join(clauses[0]) + "".join(f" {join} " + " ".join(clause) for join, clause in zip(joins, clauses[1:]))
+
+def drifted_examples(examples: list[dict], tokenizer, cfg) -> list[dict]:
+    """The SFT examples with drifted_reference's responses (seeded by cfg.seed), tokenized alike."""
+    rng = random.Random(cfg.seed)
+    return tokenize([(e["prompt"], drifted_reference(e["prompt"], e["reference"], rng)) for e in examples], tokenizer, cfg.max_length,
+                    cfg.max_prompt_length)[0]
 
 def _candidate_summary(rng: random.Random, facts, negated) -> str:
     """A plausible summary: one style throughout ('and' or ' ; '), now and then a fact dropped, a wrong object or

@@ -13,12 +13,11 @@ sample's latent lies from the gold one, the more that pair weighs in the DPO-sty
     policy     L = (1/n) sum_i -w_i log sigmoid(beta * [(log pi(y_gold|x) - log pi_{t-1}(y_gold|x))
                                                        - (log pi(y_gen|x)  - log pi_{t-1}(y_gen|x))])
 
-with pi_{t-1} (the policy at the start of the iteration) frozen as the reference. The paper's full text
-was not available: the guide's shape, the distance, the weight formula and the schedule are this
-project's decisions (README, "LD-Align"), each a flag below.
+with pi_{t-1} (the policy at the start of the iteration) frozen as the reference. The paper's full text was not
+available: the guide, the distance, the weights and the schedule are our decisions (README, "LD-Align"), each a flag.
 
     python ld_align.py                  # built-in task, tiny model: SFT, then 3 LD-Align iterations (CPU, ~65 s)
-    python ld_align.py --compare        # and the uniform-weight ablation (SPIN) from the same SFT model
+    python ld_align.py --compare        # and the uniform-weight ablation (SPIN) from the same SFT model [--task drift: README]
     python ld_align.py --model DIR --sft_data FILE --pref_lr 5e-7   # real data: --model is already SFT'd
     torchrun --nproc_per_node N ld_align.py ...                      # N processes: DDP, or --fsdp to shard the models
 """
@@ -53,6 +52,7 @@ class Config(C.TrainConfig):
     guide_reads_prompt: bool = False  # decoder p(y | z): y rebuilt from the latent alone, which must carry what y says (README); True: p(y | x, z), the paper's
     diagnostic_pairs: int = 256  # pairs per iteration whose own gradients show what the weights do (rho_*, cos_*: README); 0: off [0, inf)
     keep_identical: bool = False  # keep pairs whose sample equals the gold response (zero gradient; they only dilute the batch mean)
+    task: str = "default"  # built-in task: default, or drift: SFT on drifted references (common.drifted_reference), self-play on the clean ones {default, drift}
     sft_first: bool = False  # real data: run SFT on --sft_data first (default: --model is already SFT'd); the built-in task always does
     compare: bool = False  # also run the uniform-weight ablation (SPIN) from the same SFT model with the same seeds
     output_dir: str = "runs/ld_align"  # models (sft/, final/, final_spin/), checkpoint/, metrics.jsonl, results.json
@@ -62,6 +62,7 @@ def check(cfg: Config) -> list[str]:
     rules = [(cfg.compare and cfg.weighting != "latent", "--compare runs the uniform ablation beside --weighting latent; drop one of them"),
              (cfg.guide == "policy" and cfg.fsdp, "--guide policy (the default) copies the policy whole: run it without --fsdp, or add --guide scratch"),
              (cfg.fsdp and cfg.diagnostic_pairs, "--fsdp shards the gradients the per-pair diagnostics read whole: add --diagnostic_pairs 0"),
+             (cfg.task == "drift" and cfg.sft_data, "--task drift is a variant of the built-in task: drop --sft_data"),
              (cfg.guide_heads >= 1 and cfg.guide_dim % cfg.guide_heads, f"--guide_dim {cfg.guide_dim} must be a multiple of --guide_heads {cfg.guide_heads}")]
     return [message for broken, message in rules if broken]
 
@@ -136,8 +137,7 @@ class GuideModel(nn.Module):
 
 
 class PolicyGuide(nn.Module):
-    """The guiding auto-encoder built from a pretrained transformer, the starting policy (the default guide, README):
-    the same interface as GuideModel.
+    """The default guide (README), an auto-encoder built from a pretrained transformer, the starting policy; GuideModel's interface.
        encoder  phi(x, y) = W_z * mean_{t in y} Body(x; y)_t          (a copy of the policy's body)
        decoder  p(y_t | z, y_<t) = LM([W_p z; E[y_<t]])_t               (a copy of the policy, z as a prefix embedding)
        loss     L_rec = -(1/N) sum over response tokens of log p(y_t | phi(x, y), y_<t)
@@ -296,19 +296,18 @@ def run_arm(name: str, weighting: str, policy, run, state: dict, checkpoint: dic
         guide_seqs = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
         if not cfg.keep_identical:  # y_gen == y_gold: h == 0 whatever pi is, so no gradient (and d == 0)
             pairs = [p for p in pairs if p["chosen"] != p["rejected"]]
-        if guide is None:  # SPIN
-            pairs = [{**p, "weight": w} for p, w in zip(pairs, pair_weights(None, weighting, cfg.w_max, len(pairs)).tolist())]
-            return pairs, diagnose(pairs, t)
-        stats = {"guide_loss": train_guide(guide, guide_optimizer, guide_seqs, cfg, pad_id=tokenizer.pad_token_id, seed=cfg.seed + t,
-                                           device=device, log=log, desc=f"{name} guide {t}")}
-        if not pairs:
-            return pairs, stats
-        distances = latent_distances(guide, pairs, pad_id=tokenizer.pad_token_id, batch_size=cfg.eval_batch_size, device=device)
+        stats, distances = {}, None
+        if guide is not None:  # LD-Align (SPIN has no guide: every w = 1)
+            stats["guide_loss"] = train_guide(guide, guide_optimizer, guide_seqs, cfg, pad_id=tokenizer.pad_token_id, seed=cfg.seed + t,
+                                              device=device, log=log, desc=f"{name} guide {t}")
+            if not pairs:
+                return pairs, stats
+            distances = latent_distances(guide, pairs, pad_id=tokenizer.pad_token_id, batch_size=cfg.eval_batch_size, device=device)
+            stats |= {"d_mean": distances.mean().item(), "d_min": distances.min().item(), "d_max": distances.max().item(),
+                      "clipped": (distances > cfg.w_max * distances.mean()).float().mean().item()}
         weights = pair_weights(distances, weighting, cfg.w_max, len(pairs)).tolist()  # common.train_dpo: loss = (1/n) sum_i w_i l_i
         pairs = [{**p, "weight": w} for p, w in zip(pairs, weights)]
-        return pairs, stats | diagnose(pairs, t) | {
-            "d_mean": distances.mean().item(), "d_min": distances.min().item(), "d_max": distances.max().item(),
-            "clipped": (distances > cfg.w_max * distances.mean()).float().mean().item()}
+        return pairs, stats | diagnose(pairs, t)
 
     def diagnose(pairs, t):  # common.weight_diagnostics on --diagnostic_pairs of the pairs, drawn by the seed (every rank: all)
         if not pairs or not cfg.diagnostic_pairs:
@@ -361,8 +360,9 @@ def main(cfg: Config) -> dict:
 
     # ---------------------------------------------------------------- the starting model: SFT (built-in task) or --model
     if checkpoint is None:
-        if run_sft:
-            C.train_sft(policy, data["sft"], cfg, device=device, dtype=dtype, seed=cfg.seed, desc="sft", log=log)
+        if run_sft:  # --task drift: the starting model learns drifted references; self-play then aligns it to the clean ones
+            start = C.drifted_examples(data["sft"], tokenizer, cfg) if cfg.task == "drift" else data["sft"]
+            C.train_sft(policy, start, cfg, device=device, dtype=dtype, seed=cfg.seed, desc="sft", log=log)
             C.save_model(policy, tokenizer, run.out / "sft")
         sft_metrics, sft_outputs = C.evaluate(policy, tokenizer, data["test"], cfg, device=device, dtype=dtype, score_fn=score_fn,
                                               desc="eval sft")

@@ -12,6 +12,7 @@
     python experiments/study.py --table default_m    # HBAT's default SFT-stage M (1 or 0.1) at the scripts' default schedule
     python experiments/study.py --table ld_align     # LD-Align (policy and scratch guides) vs SPIN (uniform weights), from the full SFT model
     python experiments/study.py --table headroom     # ... default guide, from the warm-started model (--sft_epochs 0: room for self-play)
+    python experiments/study.py --table drift        # ... on the drift variant (ld_align.py --task drift: errors the weights can find)
     python experiments/study.py --table all          # every table above (on the tiny model)
     python experiments/study.py --table smollm2 --seeds 0 1 2      # two-stage vs HBAT-DPO on SmolLM2-135M-Instruct (reduced; ~35 min)
     python experiments/study.py --table smollm2_ld --seeds 0 1 2   # SPIN vs LD-Align on SmolLM2-135M-Instruct (reduced; ~35 min)
@@ -205,6 +206,14 @@ TABLES = {
         ld_align("spin (uniform), headroom", "spin", *GUIDE, "--sft_epochs", "0"),
         ld_align("ld-align, policy guide, headroom", "ld_align", *GUIDE, "--sft_epochs", "0"),
     ]},
+    # the drift variant (ld_align.py --task drift, README): a starting model SFT'd on drifted references (facts reversed,
+    # the negated fact stated as true in half the rows that have one), self-play against the clean ones; default guide
+    "drift": {"baseline": "spin (uniform), drift", "metrics": METRICS + SAMPLED, "paired": METRICS + SAMPLED,
+              "diagnostics": True, "arms": [
+        ld_align("sft on drifted references", "sft", *GUIDE, "--task", "drift"),
+        ld_align("spin (uniform), drift", "spin", *GUIDE, "--task", "drift"),
+        ld_align("ld-align, policy guide, drift", "ld_align", *GUIDE, "--task", "drift"),
+    ]},
     "smollm2": {"baseline": "two-stage dpo", "jobs": 1, "arms": [
         ("sft (the two-stage SFT model)", "hbat.py", SMOLLM2_HBAT, "two-stage sft"),
         ("two-stage dpo", "hbat.py", SMOLLM2_HBAT, "two-stage dpo"),
@@ -314,7 +323,7 @@ def weight_diagnostics(arms: list, runs: dict, seeds: list[int]) -> str:
     lines = [f"What the weights did, per iteration: mean +- sd over seeds {' '.join(map(str, seeds))} (on 256 pairs each)", "",
              "| arm | iteration | " + " | ".join(DIAGNOSTICS) + " |", "|---" * (len(DIAGNOSTICS) + 2) + "|"]
     for name, _, _, key in arms:
-        rows = [[r for r in runs[name, s]["results"]["trajectory"] if r["arm"] == key] for s in seeds]
+        rows = [[r for r in runs[name, s]["results"]["trajectory"] if r["arm"] == key and r["iteration"] > 0] for s in seeds]
         for t in range(min(map(len, rows))):
             cells = [mean_sd([r[t][d] for r in rows]) if all(d in r[t] for r in rows) else "" for d in DIAGNOSTICS]
             lines.append(f"| {name} | {t + 1} | " + " | ".join(cells) + " |")

@@ -416,6 +416,47 @@ def test_reference_is_the_previous_iterate_and_arms_start_alike(tmp_path, monkey
     assert [r["iteration"] for r in results["trajectory"]] == [0, 1, 2, 3, 1, 2, 3]
 
 
+def test_drifted_reference_reverses_the_facts_and_states_the_negated_one_by_hand():
+    prompt = "summarize : alice found the car in the park . bob never sold the lamp in the school . carol fixed the door in the office . summary :"
+    clean = "alice found car and carol fixed door"
+    assert C.drifted_reference(prompt, clean, random.Random(0), error_rate=0.0) == "carol fixed door and alice found car"
+    wrong = C.drifted_reference(prompt, clean, random.Random(0), error_rate=1.0)
+    assert sorted(wrong.split(" and ")) == ["alice found car", "bob sold lamp", "carol fixed door"]  # inserted among the facts
+    assert wrong.replace("bob sold lamp and ", "").replace(" and bob sold lamp", "") == "carol fixed door and alice found car"
+    # order is harmless to the gold reward and the instruction score; the negated fact stated costs 1 / n_facts
+    assert C.gold_reward(prompt, C.drifted_reference(prompt, clean, random.Random(0), 0.0)) == C.gold_reward(prompt, clean) == 1.5
+    assert C.gold_reward(prompt, wrong) == pytest.approx((2 - 1) / 2 + 0.5)
+    listed = prompt.replace(" summary :", " summary as a list :")
+    assert C.instruction_score(listed, C.drifted_reference(listed, "alice found car ; carol fixed door", random.Random(0), 1.0)) == 1.0
+    no_negation = prompt.replace("bob never sold the lamp in the school . ", "")
+    assert C.drifted_reference(no_negation, clean, random.Random(0), 1.0) == "carol fixed door and alice found car"
+
+
+def test_task_drift_trains_the_starting_model_on_drifted_references_and_self_plays_on_the_clean_ones(tmp_path, monkeypatch):
+    seen, real_train_sft, real_train_dpo = {}, C.train_sft, C.train_dpo
+
+    def recording_train_sft(policy, examples, cfg, **kw):
+        seen["sft"] = examples
+        real_train_sft(policy, examples, cfg, **kw)
+
+    def recording_train_dpo(policy, examples, cfg, **kw):
+        seen.setdefault("gold", [p["chosen"] for p in examples])
+        real_train_dpo(policy, examples, cfg, **kw)
+
+    monkeypatch.setattr(C, "train_sft", recording_train_sft)
+    monkeypatch.setattr(C, "train_dpo", recording_train_dpo)
+    cfg = tiny_config(tmp_path / "run", iterations=1, task="drift", n_sft=48)
+    L.main(cfg)
+    tok = C.load_tokenizer("tiny")
+    clean = C.load_data(cfg, tok, need_pref=False)["sft"]
+    rng = random.Random(cfg.seed)
+    assert [tok.decode(e["input_ids"][len(e["prompt_ids"]):], skip_special_tokens=True) for e in seen["sft"]] == [
+        C.drifted_reference(e["prompt"], e["reference"], rng) for e in clean]
+    assert any(e["input_ids"] != d["input_ids"] for e, d in zip(clean, seen["sft"]))
+    golds = {tuple(e["input_ids"]) for e in clean}
+    assert seen["gold"] and all(tuple(g["input_ids"]) in golds for g in seen["gold"])  # self-play's gold: the clean references
+
+
 def test_same_seed_gives_identical_runs(tmp_path):
     a = L.main(tiny_config(tmp_path / "a", iterations=2, seed=4))
     b = L.main(tiny_config(tmp_path / "b", iterations=2, seed=4))
@@ -473,6 +514,8 @@ def test_load_data_without_preference_data(tiny):
     (dict(guide_dim=30, guide_heads=4), "multiple of --guide_heads"),
     (dict(iterations=0), "--iterations"),
     (dict(diagnostic_pairs=-1), "--diagnostic_pairs"),
+    (dict(task="drift", sft_data="sft.jsonl"), "--task drift is a variant of the built-in task"),
+    (dict(task="shuffle"), "--task must be one of default, drift"),
     (dict(fsdp=True, guide="scratch"), "add --diagnostic_pairs 0"),
 ])
 def test_bad_settings_are_refused_before_anything_is_written(tmp_path, overrides, message):

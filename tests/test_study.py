@@ -58,3 +58,16 @@ def test_every_table_names_its_baseline_and_each_arm_once():
     for name, spec in study.TABLES.items():
         names = [arm[0] for arm in spec["arms"]]
         assert len(set(names)) == len(names) and spec["baseline"] in names, name
+
+
+def test_weight_diagnostics_are_the_mean_and_sd_over_seeds_per_arm_and_iteration():
+    def trajectory(shift):
+        return {"trajectory": [{"arm": "sft", "iteration": 0},
+                               {"arm": "ld_align", "iteration": 1, "rho_w_gap": 0.2 + shift, "rho_w_grad": 0.1, "rho_grad_gap": 0.3,
+                                "cos_weighted_uniform": 0.9},
+                               {"arm": "spin", "iteration": 1, "rho_grad_gap": 0.5 - shift}]}
+    runs = {(name, seed): {"results": trajectory(0.2 * seed)} for name in ("s", "l", "sft") for seed in (0, 1)}
+    arms = [("sft", "ld_align.py", [], "sft"), ("s", "ld_align.py", [], "spin"), ("l", "ld_align.py", [], "ld_align")]
+    lines = study.weight_diagnostics(arms, runs, [0, 1]).splitlines()
+    assert lines[4:] == ["| s | 1 |  |  | 0.400 +- 0.141 |  |",  # SPIN: rho_grad_gap only; the SFT row has none
+                         "| l | 1 | 0.300 +- 0.141 | 0.100 +- 0.000 | 0.300 +- 0.000 | 0.900 +- 0.000 |"]
