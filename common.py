@@ -766,7 +766,7 @@ def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float | None:
     def ranks(x):
         _, tie_group, counts = torch.unique(x.double(), return_inverse=True, return_counts=True)
         return (counts.cumsum(0) - (counts + 1) / 2)[tie_group]  # a tie group at ranks i..j gets (i + j) / 2
-    ra, rb = ranks(a) - ranks(a).mean(), ranks(b) - ranks(b).mean()
+    ra, rb = (r - r.mean() for r in (ranks(a), ranks(b)))
     norm = ra.norm() * rb.norm()
     return (ra @ rb / norm).item() if norm > 0 else None
 

@@ -320,7 +320,7 @@ DIAGNOSTICS = ("rho_w_gap", "rho_w_grad", "rho_grad_gap", "cos_weighted_uniform"
 def weight_diagnostics(arms: list, runs: dict, seeds: list[int]) -> str:
     """Markdown: per self-play arm and iteration, mean +- sd over seeds of what the weights did (ld_align.py's
     trajectory rows; SPIN has rho_grad_gap only)."""
-    lines = [f"What the weights did, per iteration: mean +- sd over seeds {' '.join(map(str, seeds))} (on 256 pairs each)", "",
+    lines = [f"What the weights did, per iteration: mean +- sd over seeds {' '.join(map(str, seeds))} (on --diagnostic_pairs pairs each)", "",
              "| arm | iteration | " + " | ".join(DIAGNOSTICS) + " |", "|---" * (len(DIAGNOSTICS) + 2) + "|"]
     for name, _, _, key in arms:
         rows = [[r for r in runs[name, s]["results"]["trajectory"] if r["arm"] == key and r["iteration"] > 0] for s in seeds]
