@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -35,6 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
+from transformers import set_seed
 
 IGNORE_INDEX = -100  # the label of a position no loss reads: prompt and padding
 
@@ -1038,7 +1040,7 @@ def load_model(name: str, tokenizer, trust_remote_code: bool = False, seed: int 
     pad go into the config, and the checkpoint's generation defaults are dropped: evaluation is greedy, PPO samples plain pi."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    seed_everything(seed)
+    set_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(tokenizer)) if name in TINY_MODELS else own_memory(from_pretrained(
         "--model", name, lambda n: AutoModelForCausalLM.from_pretrained(n, dtype=torch.float32, trust_remote_code=trust_remote_code)))
     model.config.pad_token_id, model.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -1569,14 +1571,23 @@ def setting_rules(cls) -> tuple[dict, dict, dict]:
     choices = {k: tuple(m.group(1).split(", ")) for k, h in helps.items() if (m := re.search(r" \{([^}]+)\}$", h))}
     return helps, ranges, choices
 
+def setting_problem(name: str, value, ranges: dict, choices: dict) -> str | None:
+    """What is wrong with one setting's value ("must be in [1, inf); got 0"), or None."""
+    if name in choices and value not in choices[name]:
+        return f"must be one of {', '.join(choices[name])}; got {value!r}"
+    if name in ranges and not in_range(value, ranges[name]):
+        return f"must be in {ranges[name]}; got {value}"
+    return None
+
 def in_range(value, interval: str) -> bool:
     """value in an interval written "[1, inf)", "(0, 1]", ... (NaN is in none)."""
     low, high = (float(x) for x in interval[1:-1].split(","))
     return bool((value >= low if interval[0] == "[" else value > low) and (value <= high if interval[-1] == "]" else value < high))
 
 def parse_config(cls, argv=None):
-    """argparse over a config dataclass, a --flag per field with its comment as help; a bad flag is a
-    ConfigError (one line). Paths get ~ expanded (the shell does not expand --output_dir=~/x)."""
+    """argparse over a config dataclass, a --flag per field with its comment as help, and --config FILE (read_settings):
+    the flags given win over the file. A bad flag or file is a ConfigError (one line). Paths get ~ expanded (the shell
+    does not expand --output_dir=~/x)."""
     import argparse
 
     helps = setting_rules(cls)[0]
@@ -1585,22 +1596,61 @@ def parse_config(cls, argv=None):
     def error(message):
         raise ConfigError(f"{message} (see --help)")
     parser.error = error
+    parser.add_argument("--config", default="", help="a YAML or JSON file of settings named as the flags (README); flags given beside it win")
     for f in dataclasses.fields(cls):
         kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else dict(type=type(f.default))
         parser.add_argument(f"--{f.name}", default=f.default, help=helps.get(f.name, "").replace("%", "%%"), **kind)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if file := parser.parse_known_args(argv)[0].config:
+        parser.set_defaults(**read_settings(cls, file))
     values = vars(parser.parse_args(argv))
+    del values["config"]  # (results.json records the settings themselves)
     return cls(**{k: os.path.expanduser(v) if k in PATH_FLAGS else v for k, v in values.items()})
+
+def read_settings(cls, file: str) -> dict:
+    """--config FILE (.yaml, .yml or .json): {setting: value}, each checked as its flag would be (name, type, range,
+    choices); a bad one is refused naming the file and key. A string for a number is read as the flag reads it (YAML
+    takes 1e-3 for a string)."""
+    import difflib
+
+    import yaml
+
+    where, path = f"--config {file}", Path(file).expanduser()
+    if path.suffix not in (".yaml", ".yml", ".json"):
+        raise ConfigError(f"{where}: give a .yaml, .yml or .json file of settings")
+    try:
+        text = path.read_text(encoding="utf-8")
+        settings = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except OSError as e:
+        raise ConfigError(f"{where}: {e.strerror or e}") from None
+    except (ValueError, yaml.YAMLError) as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ConfigError(f"{where}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
+                          + (f"{e.problem} (line {mark.line + 1})" if mark else first_line(e))) from None
+    if not isinstance(settings, dict | None):
+        raise ConfigError(f"{where}: must hold a mapping of settings (setting: value), not a {type(settings).__name__}")
+    fields, (_, ranges, choices) = {f.name: f for f in dataclasses.fields(cls)}, setting_rules(cls)
+    kinds = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    for key, value in (settings or {}).items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, 1)
+            raise ConfigError(f"{where}: unknown setting {key!r}" + (f"; did you mean {close[0]!r}?" if close else " (see --help)"))
+        kind = type(fields[key].default)
+        if kind in (int, float) and type(value) is str or kind is float and type(value) is int:
+            with contextlib.suppress(ValueError):
+                value = settings[key] = kind(value)
+        if type(value) is not kind:
+            raise ConfigError(f"{where}: {key} must be {kinds[kind]}; got {value!r}")
+        if problem := setting_problem(key, value, ranges, choices):
+            raise ConfigError(f"{where}: {key} {problem}")
+    return settings or {}
 
 def check_config(cfg, need_pref: bool = True, problems: Iterable[str] = ()) -> None:
     """Every setting, before anything is loaded or written: ranges and choices, flags that must agree, the
     device and the output folder; `problems` are a script's own. need_pref=False (LD-Align): SFT data alone
     is real data, and --pref_data is refused."""
     problems, (_, ranges, choices) = list(problems), setting_rules(type(cfg))
-    for name, value in dataclasses.asdict(cfg).items():
-        if name in choices and value not in choices[name]:
-            problems.append(f"--{name} must be one of {', '.join(choices[name])}; got {value!r}")
-        if name in ranges and not in_range(value, ranges[name]):
-            problems.append(f"--{name} must be in {ranges[name]}; got {value}")
+    problems += [f"--{name} {problem}" for name, value in dataclasses.asdict(cfg).items() if (problem := setting_problem(name, value, ranges, choices))]
     rules = [(cfg.grad_accum_steps >= 1 and cfg.batch_size % cfg.grad_accum_steps,
               f"--batch_size {cfg.batch_size} must be a multiple of --grad_accum_steps {cfg.grad_accum_steps}"),
              (cfg.ppo_minibatches > cfg.ppo_batch_size >= 1, f"--ppo_minibatches {cfg.ppo_minibatches} is more than --ppo_batch_size {cfg.ppo_batch_size}"),
@@ -1793,33 +1843,17 @@ def open_log(out: Path, keep_lines: int = 0) -> Callable[[dict], None]:
 def metrics_lines(out: Path) -> list[str]:
     return (out / "metrics.jsonl").read_text().splitlines(keepends=True) if (out / "metrics.jsonl").is_file() else []
 
-def save_tensors(path: Path, obj) -> None:
-    """Nested dicts and lists of tensors and plain values as one safetensors file, the rest as JSON in its header: no pickle."""
-    from safetensors.torch import save_file
-
-    tensors = {}
-
-    def pack(x, key: str):
-        if torch.is_tensor(x):
-            tensors[key] = x.detach().cpu().clone()
-            return {"t": key}
-        if isinstance(x, dict):
-            return {"d": [[k, pack(v, f"{key}.{k}")] for k, v in x.items()]}
-        return {"l": [pack(v, f"{key}.{i}") for i, v in enumerate(x)]} if isinstance(x, (list, tuple)) else {"v": x}
-    save_file(tensors, path, metadata={"tree": to_json(pack(obj, "x"), str(path), indent=None)})
-
-def load_tensors(path: Path):
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as f:
-        tensors, tree = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["tree"])
-    unpack = lambda x: tensors[x["t"]] if "t" in x else {k: unpack(v) for k, v in x["d"]} if "d" in x else \
-        [unpack(v) for v in x["l"]] if "l" in x else x["v"]  # noqa: E731
-    return unpack(tree)
+def load_state(path: Path):
+    """A checkpoint's RNG or optimizer state, read by torch's weights-only unpickler: tensors and plain values only, no pickled
+    code runs (a file holding any is refused)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ConfigError(f"--resume: {path} holds pickled code, not plain state: refused unread; start again with --overwrite") from None
 
 def save_checkpoint(run, state: dict, model=None, extra: dict | None = None, reads: Iterable[str] = ()) -> None:
     """out/checkpoint/, written whole: state.json (settings, position, results so far, metrics.jsonl's lines and sha256, the data's
-    and every read file's sha256), rng.safetensors, and the model and extra.safetensors when given. `reads`: folders --resume loads."""
+    and every read file's sha256), rng.pt, and the model and extra.pt when given. `reads`: folders --resume loads."""
     lines = metrics_lines(run.out)
     state = {**state, "config": dataclasses.asdict(run.cfg), "metrics_lines": len(lines),
              "metrics_sha256": hashlib.sha256("".join(lines).encode()).hexdigest(),
@@ -1832,10 +1866,10 @@ def save_checkpoint(run, state: dict, model=None, extra: dict | None = None, rea
         if model is not None:
             model.save_pretrained(tmp, state_dict=state_dict)
             run.tokenizer.save_pretrained(tmp)
-        save_tensors(tmp / "rng.safetensors", rng_state())
+        torch.save(rng_state(), tmp / "rng.pt")
         if extra is not None:
-            save_tensors(tmp / "extra.safetensors", extra)
-        files = [f.name for f in tmp.glob("*.safetensors")] + [f"../{d}/{f.name}" for d in reads for f in (run.out / d).glob("*.safetensors")]
+            torch.save(extra, tmp / "extra.pt")
+        files = [f.name for f in tmp.glob("*.safetensors")] + ["rng.pt"] + ["extra.pt"] * (extra is not None) + [f"../{d}/{f.name}" for d in reads for f in (run.out / d).glob("*.safetensors")]
         state["sha256"] = {name: files_sha256([tmp / name]) for name in files}
         write_text(tmp / "state.json", to_json(state, str(run.out / "checkpoint" / "state.json")))
 
@@ -1864,8 +1898,8 @@ def load_checkpoint(out: Path, cfg) -> dict | None:
     if hashlib.sha256("".join(metrics_lines(out)[:state["metrics_lines"]]).encode()).hexdigest() != state["metrics_sha256"]:
         raise ConfigError(f"--resume: {out / 'metrics.jsonl'} no longer holds the {state['metrics_lines']} lines the checkpoint logged; "
                           f"start again with --overwrite")
-    extra = folder / "extra.safetensors"
-    return {**state, "folder": folder, "rng": load_tensors(folder / "rng.safetensors"), "extra": load_tensors(extra) if extra.exists() else None}
+    return {**state, "folder": folder, "rng": load_state(folder / "rng.pt"),
+            "extra": load_state(folder / "extra.pt") if "extra.pt" in state["sha256"] else None}  # (only the files it lists)
 
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -2070,11 +2104,6 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def autocast(device: torch.device, dtype: torch.dtype):
     return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device_type=device.type, dtype=dtype)
 
-def seed_everything(seed: int) -> None:
-    """Same seed, same numbers on CPU (GPU kernels may still be nondeterministic)."""
-    random.seed(seed)
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
 
 
 # ==== More than one process (torchrun): a thin layer; with one process every function here does nothing =====
@@ -2146,9 +2175,9 @@ def my_part(params: dict) -> dict:
 def sync_gradients(params: list) -> None:
     """DDP's gradient sum for the tensors every rank holds whole: one all_reduce of a flat buffer."""
     if world_size() > 1 and (grads := [p.grad for p in params if not is_sharded(p) and p.grad is not None]):
-        flat = sum_over_ranks(torch._utils._flatten_dense_tensors(grads))
-        for g, summed in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            g.copy_(summed)
+        flat = sum_over_ranks(torch.cat([g.reshape(-1) for g in grads]))
+        for g, summed in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(summed.view_as(g))
 
 def lockstep(batches: list, filler) -> list:
     """Every rank runs as many passes as the busiest: `filler`s, losses times 0 (FSDP's forward gathers from all ranks at once,

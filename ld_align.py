@@ -244,7 +244,7 @@ def self_play_pairs(policy, examples: list[dict], cfg, *, tokenizer, seed: int, 
     for e in examples:  # the gold response: a conversation's last assistant turn (earlier turns are prompt here)
         prompts.append(C.keep_last(e["prompt_ids"], room, bos))
         golds.append(e["input_ids"][len(e["prompt_ids"]):])
-    C.seed_everything(seed)  # sampling draws from torch's global generator: same seed, same samples
+    C.set_seed(seed)  # sampling draws from torch's global generator: same seed, same samples
     samples = C.generate(policy, prompts, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=cfg.max_new_tokens,
                          batch_size=cfg.eval_batch_size, device=device, dtype=dtype, do_sample=True, temperature=cfg.temperature, desc=desc)
     pairs = []

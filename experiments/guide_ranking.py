@@ -72,7 +72,7 @@ def main() -> None:
     cfg = C.parse_config(ld_align.Config)
     device = C.pick_device(cfg.device)
     dtype = C.pick_dtype(cfg.dtype, device)
-    C.seed_everything(cfg.seed)
+    C.set_seed(cfg.seed)
     policy, tokenizer = C.load_model_and_tokenizer(cfg.model, cfg.trust_remote_code, cfg.seed)
     policy.to(device)
     data = C.load_data(cfg, tokenizer, need_pref=False)

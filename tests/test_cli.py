@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -118,6 +119,18 @@ CASES = [
     ("unknown_flag", BASELINE, ["--bogus", "1"], ["unrecognized arguments: --bogus 1"], SUB),
     ("resume_and_overwrite", BASELINE, ["--resume", "--overwrite", "--output_dir", "{out}"], ["give one"], False),
     ("fsdp_without_torchrun", BASELINE, ["--fsdp"], ["--fsdp shards the models over torchrun's processes"], False),
+    # --config files: each bad key or value names the file and the key
+    ("config_unknown_key", BASELINE, ["--config", "{data}/typo.yaml"], ["--config {data}/typo.yaml: unknown setting 'bta'; did you mean 'beta'?"], SUB),
+    ("config_out_of_range", BASELINE, ["--config", "{data}/range.yaml"], ["--config {data}/range.yaml: batch_size must be in [1, inf); got 0"], False),
+    ("config_wrong_type", BASELINE, ["--config", "{data}/type.yaml"], ["--config {data}/type.yaml: batch_size must be an integer; got 'eight'"], SUB),
+    ("config_bool_as_number", BASELINE, ["--config", "{data}/bool.json"], ["--config {data}/bool.json: critic must be true or false; got 0"], False),
+    ("config_bad_choice", BASELINE, ["--config", "{data}/choice.json"], ["--config {data}/choice.json: loss_type must be one of sigmoid, ipo; got 'hinge'"], False),
+    ("config_not_yaml", BASELINE, ["--config", "{data}/broken.yaml"], ["--config {data}/broken.yaml: not valid YAML: ", "(line 2)"], False),
+    ("config_not_json", BASELINE, ["--config", "{data}/broken.json"], ["--config {data}/broken.json: not valid JSON: "], False),
+    ("config_not_a_mapping", BASELINE, ["--config", "{data}/list.yaml"], ["--config {data}/list.yaml: must hold a mapping of settings"], False),
+    ("config_missing", BASELINE, ["--config", "{data}/nope.yaml"], ["--config {data}/nope.yaml: No such file or directory"], False),
+    ("config_other_suffix", BASELINE, ["--config", "{data}/sft.csv"], ["--config {data}/sft.csv: give a .yaml, .yml or .json file"], False),
+    ("config_key_of_another_script", BASELINE, ["--config", "{data}/hbat.yaml"], ["--config {data}/hbat.yaml: unknown setting 'rounds'"], False),
     # models
     ("model_missing_folder", BASELINE, ["--model", "/missing/dir"], ["--model /missing/dir: no such folder"], SUB),
     ("model_folder_not_a_model", BASELINE, ["--model", "{data}"], ["--model {data}: not a Hugging Face model folder"], False),
@@ -191,6 +204,10 @@ def places(tmp_path_factory):
     lines[4] = lines[4][:-1]
     (data / "broken.jsonl").write_text("\n".join(lines) + "\n")
     (data / "folder.json").mkdir()
+    for name, text in {"typo.yaml": "beta: 0.2\nbta: 0.3\n", "range.yaml": "batch_size: 0\n", "type.yaml": "batch_size: eight\n",
+                       "bool.json": '{"critic": 0}', "choice.json": '{"loss_type": "hinge"}', "broken.yaml": "beta: [0.1\n",
+                       "broken.json": '{"beta": 0.1,}', "list.yaml": "- beta\n- 0.1\n", "hbat.yaml": "rounds: 2\n"}.items():
+        (data / name).write_text(text)
     (data / "latin1.jsonl").write_bytes(json.dumps(task["sft"][0], ensure_ascii=False).replace("summarize", "r\xe9sum\xe9").encode("latin-1") + b"\n")
     model, tokenizer = C.load_model_and_tokenizer("tiny")
     C.save_model(model, tokenizer, root / "model")
@@ -357,6 +374,62 @@ def test_parse_config_errors_are_config_errors():
         C.parse_config(two_stage_baseline.Config, ["--beta", "x"])
     cfg = C.parse_config(hbat.Config, ["--pref_ewc_max_weight", "1e3", "--no-compare", "--rounds", "3"])
     assert (cfg.pref_ewc_max_weight, cfg.compare, cfg.rounds) == (1e3, False, 3)
+
+
+# ============================================================================================
+# --config files
+# ============================================================================================
+
+
+def test_a_config_file_sets_what_its_flags_set_and_flags_beside_it_win(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    flags = ["--beta", "0.2", "--sft_lr", "2e-3", "--rounds", "3", "--compare", "--no-critic", "--ewc", "released",
+             "--output_dir", "~/runs/x"]
+    (tmp_path / "run.yaml").write_text("beta: 0.2\nsft_lr: 2e-3\nrounds: 3\ncompare: true\ncritic: false\newc: released\n"
+                                      "output_dir: ~/runs/x\n")  # (YAML reads 2e-3 as a string: taken as the flag takes it)
+    (tmp_path / "run.json").write_text(json.dumps({"beta": 0.2, "sft_lr": 0.002, "rounds": 3, "compare": True, "critic": False,
+                                                   "ewc": "released", "output_dir": "~/runs/x"}))
+    (tmp_path / "empty.yaml").write_text("")
+    from_flags = C.parse_config(hbat.Config, flags)
+    assert from_flags.output_dir == str(tmp_path / "runs" / "x") and from_flags.sft_lr == 2e-3 and not from_flags.critic
+    for file in ("run.yaml", "run.json"):
+        assert C.parse_config(hbat.Config, ["--config", tmp_path / file]) == from_flags
+        beside = C.parse_config(hbat.Config, ["--rounds", "4", "--config", tmp_path / file, "--critic"])
+        assert beside == dataclasses.replace(from_flags, rounds=4, critic=True)  # flags win wherever they stand
+    assert C.parse_config(hbat.Config, ["--config", tmp_path / "empty.yaml"]) == hbat.Config()
+
+
+def readme_configs() -> list[tuple[str, str]]:
+    """(script, YAML text) of each README example whose first line reads '# FILE: python SCRIPT --config FILE'."""
+    blocks = re.findall(r"```yaml\n(# \S+: python (\S+) --config \S+\n.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    return [(script, text) for text, script in blocks]
+
+
+def test_the_readme_config_examples_are_valid_settings_of_their_scripts(tmp_path):
+    import yaml
+
+    examples = readme_configs()
+    assert sorted(script for script, _ in examples) == sorted(SCRIPTS)  # one per script
+    for script, text in examples:
+        (tmp_path / "run.yaml").write_text(text)
+        cfg = C.parse_config(SCRIPTS[script].Config, ["--config", tmp_path / "run.yaml"])
+        settings = yaml.safe_load(text)
+        assert {k: getattr(cfg, k) for k in settings} == {k: float(v) if isinstance(getattr(cfg, k), float) else v
+                                                         for k, v in settings.items()}, script
+
+
+def test_a_run_from_a_config_file_writes_the_results_its_flags_write(tmp_path, monkeypatch, capsys):
+    """results.json from --config FILE (plus a flag beside it) equals the one from the same settings as flags, but --output_dir."""
+    settings = {"beta": 0.2, "sft_lr": 0.002, "seed": 3, "loss_type": "ipo", "eval_samples": 2}
+    (tmp_path / "run.json").write_text(json.dumps({**settings, "seed": 5}))
+    flags = [x for k, v in settings.items() for x in (f"--{k}", str(v))]
+    results = []
+    for out, args in (("flags", flags), ("file", ["--config", tmp_path / "run.json", "--seed", "3"])):
+        monkeypatch.setattr(sys, "argv", [BASELINE, *tiny_args(BASELINE), *map(str, args), "--output_dir", str(tmp_path / out)])
+        C.cli(two_stage_baseline.main, two_stage_baseline.Config)
+        results.append(json.loads((tmp_path / out / "results.json").read_text()))
+        assert results[-1]["config"].pop("output_dir") == str(tmp_path / out)
+    assert results[0] == results[1] and results[0]["config"]["seed"] == 3 and results[0]["config"]["loss_type"] == "ipo"
 
 
 # ============================================================================================

@@ -512,7 +512,7 @@ def test_tiny_warm_start_is_a_seeded_sft_on_held_out_rows_outside_the_random_str
     held_out = common.builtin_task(3 + 1000, common.WARM_START_ROWS, 0, 0, avoid=avoid)["sft"]
     assert len(held_out) == common.WARM_START_ROWS and not avoid & {r["prompt"] for r in held_out}
 
-    common.seed_everything(3)
+    common.set_seed(3)
     random_model, tokenizer = common.load_model_and_tokenizer("tiny-random", seed=3)
     after_random = torch.get_rng_state()
     common._warm_started.pop(3, None)

@@ -92,15 +92,34 @@ class Payload:
 def test_a_pickle_payload_planted_in_a_checkpoint_never_runs(finished, tmp_path):
     out = copy_run(finished, tmp_path / "run")
     marker = tmp_path / "payload_ran"
-    for name in ("rng.pt", "extra.pt", "optimizer.pt", "pytorch_model.bin"):  # what an older version (or an attacker) would load
+    for name in ("extra.pt", "optimizer.pt", "pytorch_model.bin"):  # files a checkpoint of this run does not list
         torch.save({"x": Payload(marker)}, out / "checkpoint" / name)
-    torch.load(out / "checkpoint" / "rng.pt", weights_only=False)  # the payload is live: unpickled, it runs
+    torch.load(out / "checkpoint" / "extra.pt", weights_only=False)  # the payload is live: unpickled, it runs
     assert marker.exists()
     marker.unlink()
     (out / "results.json").unlink()
     proc = run("--output_dir", out, "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not marker.exists()  # (the planted files stay where they were: a resumed run reads only the files state.json lists)
+
+
+@pytest.mark.parametrize("sha_updated", [False, True])
+def test_a_pickle_payload_in_a_listed_checkpoint_file_is_refused_unrun(finished, tmp_path, sha_updated):
+    """rng.pt holding pickled code: refused by its sha256, and, with the sha256 in state.json forged to match, by torch's
+    weights-only unpickler, which reads it without running it."""
+    out = copy_run(finished, tmp_path / "run")
+    marker, rng = tmp_path / "payload_ran", out / "checkpoint" / "rng.pt"
+    torch.save({"torch": Payload(marker)}, rng)
+    if sha_updated:
+        state = json.loads((out / "checkpoint" / "state.json").read_text())
+        state["sha256"]["rng.pt"] = C.files_sha256([rng])
+        (out / "checkpoint" / "state.json").write_text(json.dumps(state))
+    (out / "results.json").unlink()
+    before = snapshot(out)
+    error = one_line_error(run("--output_dir", out, "--resume"))
+    assert str(rng.resolve() if not sha_updated else rng) in error
+    assert ("holds pickled code" if sha_updated else "is missing or changed") in error
+    assert not marker.exists() and snapshot(out) == before
 
 
 def test_a_model_folder_holding_only_pickles_is_refused_unloaded(tmp_path, tiny_dir):
