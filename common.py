@@ -996,7 +996,8 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars(), datasets.utils.logging.set_verbosity_error()
 
 def from_pretrained(flag: str, name: str, load: Callable):
-    """load(name); a failure is one message naming the flag. Pickle-only weights are refused: loading a pickle can run code."""
+    """load(name); a failure is one message naming the flag. Pickle-only weights are refused (loading a pickle can run code),
+    and so are weights that are not finite."""
     quiet_libraries()
     path, what = Path(name).expanduser(), f"{flag} {name}".strip()
     if not path.exists() and (name.startswith(("/", ".", "~")) or name.endswith("/") or name.count("/") > 1):
@@ -1007,10 +1008,15 @@ def from_pretrained(flag: str, name: str, load: Callable):
         raise ConfigError(f"{what}: its weights are pickle files (.bin/.pt), which can run code when loaded; convert them to "
                           f"safetensors first (save_pretrained in a session you trust)")
     try:
-        return load(str(path) if path.exists() else name)
+        loaded = load(str(path) if path.exists() else name)
     except Exception as e:  # transformers, safetensors and the hub raise many types: all mean "cannot load this"
         where = "the folder" if path.exists() else f"the hub (offline? HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')})"
         raise ConfigError(f"{what}: could not load it from {where}: {type(e).__name__}: {first_line(e)}") from e
+    model = loaded[0] if isinstance(loaded, tuple) else loaded  # (with output_loading_info; a tokenizer has no weights)
+    if bad := [n for n, p in getattr(model, "named_parameters", dict().items)() if not torch.isfinite(p).all()]:
+        raise ConfigError(f"{what}: its weights are not finite: {len(bad)} tensors hold NaN or inf (first: {bad[0]}); "
+                          f"the files are damaged or come from a diverged run")
+    return loaded
 
 def first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else "no details"
@@ -1216,6 +1222,9 @@ def row_parts(row, where: str, kind: str) -> tuple:
     """The one place that decides a row's format (ROW_FORMATS): (prompt, [response]) for kind "sft", (prompt, [chosen, rejected])
     for "pref", strings or message lists. An SFT row may be a preference row: its chosen response is the demonstration. A
     'system' field makes the row a conversation that starts with that system message (never dropped)."""
+    for name in ("prompt", "completion", "messages", "chosen", "rejected", "system") if isinstance(row, dict) else ():
+        if any(re.search("[\ud800-\udfff]", text) for text in strings_in(row.get(name))):  # (JSON's unpaired "\\ud800" escapes; no tokenizer takes them)
+            raise DataError(f"{where}: field '{name}' holds a lone surrogate (an unpaired \\ud800-\\udfff escape), not text: fix or drop the row")
     prompt, responses = format_parts(row, where, kind)
     if "system" not in row:
         return prompt, responses
@@ -1231,6 +1240,13 @@ def row_parts(row, where: str, kind: str) -> tuple:
             raise DataError(f"{where}: field 'system' differs from the conversation's own system turn; keep one of them")
         return prompt, responses
     return ([{"role": "system", "content": system}] if system and system.strip() else []) + prompt, responses
+
+def strings_in(value) -> Iterable[str]:
+    """Every string in a field's value, however nested in lists and dicts."""
+    if isinstance(value, str):
+        yield value
+    for inner in value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else ():
+        yield from strings_in(inner)
 
 def format_parts(row, where: str, kind: str) -> tuple:
     """row_parts without the 'system' field."""
@@ -1661,6 +1677,7 @@ def check_config(cfg, need_pref: bool = True, problems: Iterable[str] = ()) -> N
              (not cfg.sft_data and (cfg.n_sft == 0 or (need_pref and cfg.n_pref == 0)),
               "the built-in task needs --n_sft and --n_pref of at least 1 (0 means 'all rows' of a file)"),
              (cfg.resume and cfg.overwrite, "--resume continues the run in --output_dir and --overwrite replaces it; give one"),
+             (not cfg.output_dir, "--output_dir is empty; give the folder the run writes into (not the current one by accident)"),
              (cfg.fsdp and not dist.is_initialized(), "--fsdp shards the models over torchrun's processes: torchrun --nproc_per_node N script.py --fsdp")]
     problems += [message for broken, message in rules if broken]
     if not problems:  # the device, then the folder: only worth checking once the flags themselves are right
@@ -1941,6 +1958,10 @@ def prepare(cfg, *, need_pref: bool = True, problems: Iterable[str] = ()) -> Sim
         if is_main():
             print("\n\n".join(example_lines(data, tokenizer, cfg.show_examples)))
         raise SystemExit(0)
+    ids = [i for e in data["sft"] for i in e["input_ids"]] if cfg.model in TINY_MODELS and cfg.sft_data else []
+    if (unknown := sum(i == tokenizer.unk_token_id for i in ids) / max(len(ids), 1)) > 0.02:  # (tiny's vocabulary: the task's words)
+        raise ConfigError(f"--model {cfg.model}: {unknown:.0%} of --sft_data's tokens are unknown to it (<unk>: it knows only the "
+                          f"built-in task's {len(tokenizer)} words); give --model NAME_OR_PATH, a model whose tokenizer reads your data")
     check_inputs_unchanged(checkpoint, data, inputs)
     judge = load_reward_model(cfg.reward_model, tokenizer, cfg.trust_remote_code) if cfg.reward_model else None
     return SimpleNamespace(cfg=cfg, device=device, dtype=pick_dtype(cfg.dtype, device), out=out, checkpoint=checkpoint,
@@ -1998,17 +2019,26 @@ def input_prints(cfg) -> dict:
     return prints
 
 def begin(run, policy, *models, resumed: bool | None = None) -> Callable[[dict], None]:
-    """The data's longest sequence against the model's positions, one model against the free disk; then the folder is taken
+    """The data's token ids against the model's embedding, its longest sequence against the model's positions, one model against
+    the free disk; then the folder is taken
     (`resumed`: a checkpoint continues), the log opened, the models placed, a summary printed, the RNG restored. Returns log()."""
     cfg, data, tokenizer = run.cfg, run.data, run.tokenizer
     resumed = run.checkpoint is not None if resumed is None else resumed
-    longest = max([len(e["input_ids"]) for e in data["sft"]] + [len(e[k]["input_ids"]) for e in data["pref"] for k in ("chosen", "rejected")]
-                  + [len(generation_prompt(tokenizer, r["prompt"], cfg)) + cfg.max_new_tokens for r in data["test"]])
+    prompts = [generation_prompt(tokenizer, r["prompt"], cfg) for r in data["test"]]
+    trained = [e["input_ids"] for e in data["sft"]] + [e[k]["input_ids"] for e in data["pref"] for k in ("chosen", "rejected")]
+    embedded = min(m.get_input_embeddings().num_embeddings for m in (policy, run.judge) if m is not None)
+    if (top := max(max(ids, default=0) for ids in trained + prompts)) >= embedded:
+        raise ConfigError(f"--model {cfg.model}: its tokenizer gives token id {top} ({len(tokenizer)} tokens), but the model's embedding "
+                          f"has {embedded} rows; give a model folder whose tokenizer belongs to its weights")
+    longest = max([len(ids) for ids in trained] + [len(ids) + cfg.max_new_tokens for ids in prompts])
     positions = min(n for n in (getattr(policy.config.get_text_config(), "max_position_embeddings", None), tokenizer.model_max_length,
                                 longest) if n)
-    if longest > positions:
+    if longest > positions:  # the hint passes check_config: the prompt below --max_length, and room for --max_new_tokens
+        prompt = min(cfg.max_prompt_length, positions - cfg.max_new_tokens)
+        hint = f"--max_length {positions}" + (f" --max_prompt_length {prompt}" if prompt != cfg.max_prompt_length else "") if prompt >= 1 \
+            else f"--max_length {positions} --max_prompt_length {positions // 2} --max_new_tokens {positions - positions // 2}"
         raise ConfigError(f"--max_length {cfg.max_length}: --model {cfg.model} takes at most {positions} tokens (its position "
-                          f"embeddings or tokenizer), and the data need {longest}; give --max_length {positions} or less")
+                          f"embeddings or tokenizer), and the data need {longest}; give {hint}")
     need = sum(p.numel() * p.element_size() for p in policy.parameters())
     if (free := shutil.disk_usage(next(p for p in [run.out, *run.out.absolute().parents] if p.exists())).free) < need:
         raise ConfigError(f"--output_dir {run.out}: {free / 2**20:.0f} MiB free on its disk, and one saved model needs {need / 2**20:.0f} MiB")

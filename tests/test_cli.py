@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import common as C
 import hbat
@@ -134,6 +135,8 @@ CASES = [
     # models
     ("model_missing_folder", BASELINE, ["--model", "/missing/dir"], ["--model /missing/dir: no such folder"], SUB),
     ("model_folder_not_a_model", BASELINE, ["--model", "{data}"], ["--model {data}: not a Hugging Face model folder"], False),
+    ("model_weights_nan", BASELINE, ["--model", "{data}/nan_model"], ["--model {data}/nan_model: its weights are not finite: 1 tensors hold "
+                                                                      "NaN or inf (first: model.embed_tokens.weight)"], SUB),
     ("model_hub_offline", BASELINE, ["--model", "nobody/no-such-model"], ["--model nobody/no-such-model: could not load it from the hub"], False),
     ("reward_model_missing", BASELINE, ["--reward_model", "/missing/rm"], ["--reward_model /missing/rm: no such folder"], False),
     ("reward_model_without_head", BASELINE, ["--reward_model", "{model}"], ["--reward_model {model}: has no trained scalar head"], False),
@@ -149,6 +152,12 @@ CASES = [
      ["{data}/missing_field.jsonl: row 3: missing field 'completion' (has: prompt, response;"], SUB),
     ("null_field", BASELINE, ["--sft_data", "{data}/null_field.jsonl", "--pref_data", "{data}/pref.jsonl"],
      ["{data}/null_field.jsonl: row 3: field 'completion' is null"], SUB),
+    ("lone_surrogate", BASELINE, ["--sft_data", "{data}/surrogate.jsonl", "--pref_data", "{data}/pref.jsonl"],
+     ["{data}/surrogate.jsonl: row 4: field 'prompt' holds a lone surrogate (an unpaired \\ud800-\\udfff escape)"], SUB),
+    ("lone_surrogate_in_a_message", "ld_align.py", ["--sft_data", "{data}/surrogate_messages.jsonl"],
+     ["{data}/surrogate_messages.jsonl: row 1: field 'messages' holds a lone surrogate"], False),
+    ("tiny_on_unknown_words", BASELINE, ["--sft_data", "{data}/words.jsonl", "--pref_data", "{data}/pref.jsonl"],
+     ["--model tiny: ", "% of --sft_data's tokens are unknown to it", "give --model NAME_OR_PATH"], SUB),
     ("empty_field", BASELINE, ["--sft_data", "{data}/sft.jsonl", "--pref_data", "{data}/empty_rejected.jsonl"],
      ["{data}/empty_rejected.jsonl: row 2: field 'rejected' is empty"], False),
     ("broken_json_line", BASELINE, ["--sft_data", "{data}/broken.jsonl", "--pref_data", "{data}/pref.jsonl"],
@@ -160,6 +169,7 @@ CASES = [
     ("hub_data_set_with_a_dot", BASELINE, ["--sft_data", "nobody/data-2.5", "--pref_data", "{data}/pref.jsonl"],
      ["--sft_data nobody/data-2.5: could not load split 'train'"], False),
     # the output folder
+    ("output_dir_empty", BASELINE, ["--output_dir", ""], ["--output_dir is empty; give the folder the run writes into"], SUB),
     ("output_dir_is_a_file", BASELINE, ["--output_dir", "{data}/sft.jsonl"], ["--output_dir {data}/sft.jsonl: is a file, not a folder"], SUB),
     ("output_dir_holds_a_run", BASELINE, ["--output_dir", "{out}"], ["holds another run's files", "--overwrite", "--resume"], SUB),
     ("resume_with_other_settings", BASELINE, ["--resume", "--beta", "0.2", "--output_dir", "{out}"],
@@ -195,12 +205,17 @@ def places(tmp_path_factory):
         (data / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     jsonl("sft.jsonl", task["sft"])
+    jsonl("words.jsonl", [{"prompt": f"What is {n} plus {n}?", "completion": f"{n} plus {n} is {2 * n}."} for n in range(20)])
     jsonl("pref.jsonl", task["pref"])
     (data / "sft.csv").write_text("prompt,completion\na,b\n")
     jsonl("missing_field.jsonl", [r if i != 2 else {"prompt": r["prompt"], "response": "x"} for i, r in enumerate(task["sft"])])
     jsonl("null_field.jsonl", [r if i != 2 else {**r, "completion": None} for i, r in enumerate(task["sft"])])
     jsonl("empty_rejected.jsonl", [r if i != 1 else {**r, "rejected": ""} for i, r in enumerate(task["pref"])])
     lines = [json.dumps(r) for r in task["sft"]]
+    (data / "surrogate.jsonl").write_text("\n".join(lines[:3] + [lines[3].replace('"prompt": "', '"prompt": "\\udc80', 1)] + lines[4:]) + "\n")
+    jsonl("surrogate_messages.jsonl", [{"messages": [{"role": "user", "content": r["prompt"]},
+                                                     {"role": "assistant", "content": r["completion"] + ("\ud800" if i == 0 else "")}]}
+                                       for i, r in enumerate(task["sft"])])
     lines[4] = lines[4][:-1]
     (data / "broken.jsonl").write_text("\n".join(lines) + "\n")
     (data / "folder.json").mkdir()
@@ -211,6 +226,10 @@ def places(tmp_path_factory):
     (data / "latin1.jsonl").write_bytes(json.dumps(task["sft"][0], ensure_ascii=False).replace("summarize", "r\xe9sum\xe9").encode("latin-1") + b"\n")
     model, tokenizer = C.load_model_and_tokenizer("tiny")
     C.save_model(model, tokenizer, root / "model")
+    shutil.copytree(root / "model", data / "nan_model")  # (save_model refuses non-finite weights: written past it)
+    weights = load_file(data / "nan_model" / "model.safetensors")
+    weights["model.embed_tokens.weight"][0, 0] = float("nan")
+    save_file(weights, data / "nan_model" / "model.safetensors", metadata={"format": "pt"})
     model.config.save_pretrained(data / "tokenizer_only")  # a model folder without weights
     tokenizer.save_pretrained(data / "tokenizer_only")
     earlier = root / "earlier"

@@ -322,8 +322,23 @@ def test_an_input_that_would_fail_mid_training_is_refused_first(finished, tmp_pa
     out = copy_run(finished, tmp_path / "run")
     before = snapshot(out)
     message = one_line_error(run("--output_dir", out, "--overwrite", "--model", tmp_path / "short"))
-    assert "takes at most 16 tokens" in message and "--max_length" in message
+    assert "takes at most 16 tokens" in message and message.endswith("give --max_length 16 --max_prompt_length 10")  # 16 - 6 new tokens
     assert snapshot(out) == before
+    hint = message.split("; give ")[1].split()
+    proc = run("--output_dir", tmp_path / "hinted", "--model", tmp_path / "short", *hint)  # the hint is a run the checks accept
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_a_tokenizer_with_more_ids_than_the_models_embedding_is_refused_first(finished, tmp_path):
+    """A model folder whose weights have fewer embedding rows than its tokenizer has ids (an IndexError mid-run, once)."""
+    model, tokenizer = C.load_model_and_tokenizer("tiny-random")
+    model.resize_token_embeddings(20)  # the built-in task's words have ids up to ~len(tokenizer)
+    C.save_model(model, tokenizer, tmp_path / "cut")
+    out = copy_run(finished, tmp_path / "run")
+    before = snapshot(out)
+    message = one_line_error(run("--output_dir", out, "--overwrite", "--model", tmp_path / "cut"))
+    assert f"--model {tmp_path / 'cut'}: its tokenizer gives token id " in message and f"({len(tokenizer)} tokens)" in message
+    assert "embedding has 20 rows" in message and snapshot(out) == before
 
 
 def test_writes_never_follow_a_symbolic_link_out_of_the_folder(finished, tmp_path):
