@@ -1902,7 +1902,7 @@ def load_checkpoint(out: Path, cfg) -> dict | None:
         return None
     try:
         state = json.loads((folder / "state.json").read_text())
-        state["config"], state["metrics_lines"], state["sha256"]  # noqa: B018 (a KeyError: not this version's)
+        state["config"], state["metrics_lines"], state["sha256"]["rng.pt"]  # noqa: B018 (a KeyError: not this version's)
     except Exception:
         raise ConfigError(f"--resume: {folder / 'state.json'} is damaged or from an older version; start again with --overwrite") from None
     now, skip = dataclasses.asdict(cfg), ("resume", "overwrite", "debug", "device", "output_dir")

@@ -103,6 +103,19 @@ def test_a_pickle_payload_planted_in_a_checkpoint_never_runs(finished, tmp_path)
     assert not marker.exists()  # (the planted files stay where they were: a resumed run reads only the files state.json lists)
 
 
+def test_a_checkpoint_from_before_rng_pt_is_refused_as_an_older_version(finished, tmp_path):
+    """Checkpoints once kept their RNG state in rng.safetensors: such a checkpoint is named as older, not a missing file."""
+    out = copy_run(finished, tmp_path / "run")
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    state["sha256"]["rng.safetensors"] = state["sha256"].pop("rng.pt")
+    (out / "checkpoint" / "state.json").write_text(json.dumps(state))
+    (out / "checkpoint" / "rng.pt").unlink()
+    (out / "results.json").unlink()
+    before = snapshot(out)
+    assert "is damaged or from an older version; start again with --overwrite" in one_line_error(run("--output_dir", out, "--resume"))
+    assert snapshot(out) == before
+
+
 @pytest.mark.parametrize("sha_updated", [False, True])
 def test_a_pickle_payload_in_a_listed_checkpoint_file_is_refused_unrun(finished, tmp_path, sha_updated):
     """rng.pt holding pickled code: refused by its sha256, and, with the sha256 in state.json forged to match, by torch's
