@@ -16,6 +16,7 @@ import fcntl
 import functools
 import gzip
 import hashlib
+import io
 import json
 import math
 import os
@@ -1102,10 +1103,13 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 # ==== Data: files and splits, row formats, tokenization =====================================================
 
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
-ROW_FORMATS = ("prompt + completion", "messages (a conversation, every assistant turn trained; a 'prompt' beside it is ignored)",
-               "prompt + chosen + rejected",
-               "chosen + rejected conversations sharing all turns but the last (message lists, or Anthropic HH strings)")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".jsonl.gz", ".json.gz", ".csv.gz")
+ROW_FORMATS = {"sft": ("prompt + completion", "messages (a conversation, every assistant turn trained; a 'prompt' beside it is ignored)",
+                       "ShareGPT conversations of {from, value}", "alpaca instruction (+ input, history) + output",
+                       "text (the whole text trained)"),
+               "pref": ("prompt + chosen + rejected (strings without a prompt: their shared beginning is the prompt)",
+                        "chosen + rejected conversations sharing all turns but the last (message lists, or Anthropic HH strings)")}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 _SPLIT, _HH_TURN = re.compile(r"([\w.-]+?)(?:\[(\d*):(\d*)\])?"), re.compile(r"\n\n(Human|Assistant): ")
 
 def data_suffix(path: Path) -> str:
@@ -1176,7 +1180,8 @@ def read_hub(spec: str, split: str, flag: str) -> list[dict]:
         raise DataError(f"{flag} {spec}: could not load split '{split}' ({type(e).__name__}: {first_line(e)})") from e
 
 def read_file(path: Path, flag: str) -> list[dict]:
-    """A file's rows: JSON Lines (also in a .json, as Dataset.to_json writes), a JSON list or parquet; .gz; UTF-8, BOM or not."""
+    """A file's rows: JSON Lines (also in a .json, as Dataset.to_json writes), a JSON list, parquet or CSV (a header, then a row
+    per record, every value the string written); .gz; UTF-8, BOM or not."""
     if not data_suffix(path):
         raise DataError(f"{flag} {path}: unsupported file type (supported: {', '.join(DATA_SUFFIXES)}, a data set folder, or a hub name)")
     if not path.is_file():
@@ -1193,6 +1198,18 @@ def read_file(path: Path, flag: str) -> list[dict]:
             text = f.read().decode("utf-8-sig")
     except (UnicodeDecodeError, OSError, EOFError) as e:
         raise DataError(f"{path}: not readable UTF-8 text ({first_line(e)})") from None
+    if ".csv" in data_suffix(path):
+        import csv
+
+        csv.field_size_limit(2**31 - 1)  # (a long document is one field: no 128 KiB cap)
+        reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+        try:
+            rows = list(reader)
+        except csv.Error as e:
+            raise DataError(f"{path}: not valid CSV (line {reader.line_num + 1}: {e})") from None
+        if (k := next((k for k, r in enumerate(rows) if None in r), None)) is not None:
+            raise DataError(f"{path}: row {k + 1}: more values than the header's {len(reader.fieldnames)} columns")
+        return rows
     if ".jsonl" not in data_suffix(path):
         try:
             data = json.loads(text)
@@ -1202,8 +1219,8 @@ def read_file(path: Path, flag: str) -> list[dict]:
         except json.JSONDecodeError as e:
             if e.msg != "Extra data":  # more than one JSON value: JSON Lines
                 raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    rows = []  # row N = the N-th non-blank line
-    for line_no, line in enumerate(text.splitlines(), start=1):
+    rows = []  # row N = the N-th non-blank line (lines end at "\n" only: JSON strings may hold a raw U+2028, as datasets reads them)
+    for line_no, line in enumerate(text.split("\n"), start=1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -1218,11 +1235,46 @@ def hh_messages(text: str) -> list[dict] | None:
         return None
     return [{"role": "user" if who == "Human" else "assistant", "content": said.strip()} for who, said in zip(parts[1::2], parts[2::2])]
 
+def standard_row(row, where: str):
+    """A ShareGPT or alpaca row in the columns row_parts reads: `conversations` of {from, value} become `messages` (roles
+    human/user, gpt/assistant, system); alpaca's instruction (+ "\\n" + input) -> output becomes a user and an assistant
+    turn, after its `history` pairs (as LLaMA-Factory reads it). Other columns (a `system` field) stay; other rows pass."""
+    if not isinstance(row, dict) or "messages" in row:
+        return row
+    if "conversations" in row:
+        turns = row["conversations"]
+        for k, turn in enumerate(turns if isinstance(turns, list) else [turns], start=1):
+            if not (isinstance(turn, dict) and turn.get("from") in SHAREGPT_ROLES and isinstance(turn.get("value"), str)):
+                raise DataError(f"{where}: field 'conversations': turn {k} must be {{'from': one of {', '.join(SHAREGPT_ROLES)}; "
+                                f"'value': text}}, got {str(turn)[:80]!r}")
+        if len(turns) < 2 or SHAREGPT_ROLES[turns[-1]["from"]] != "assistant":
+            raise DataError(f"{where}: field 'conversations' needs a human turn and must end with a gpt (assistant) turn")
+        return {**{k: v for k, v in row.items() if k != "conversations"},
+                "messages": [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]}
+    if "instruction" in row and "output" in row:
+        extra, history = row.get("input") or "", row.get("history") or []
+        for name, value in (("instruction", row["instruction"]), ("input", extra), ("output", row["output"])):
+            if not isinstance(value, str) or (name != "input" and not value.strip()):
+                raise DataError(f"{where}: field '{name}' must be a{' non-empty' * (name != 'input')} string, got {str(value)[:80]!r}")
+        if not (isinstance(history, list) and all(isinstance(p, list | tuple) and len(p) == 2 and all(isinstance(t, str) for t in p)
+                                                  for p in history)):
+            raise DataError(f"{where}: field 'history' must be a list of [instruction, response] string pairs")
+        turns = [*(t for pair in history for t in pair), row["instruction"] + (f"\n{extra}" if extra.strip() else ""), row["output"]]
+        return {**({"system": row["system"]} if "system" in row else {}),
+                "messages": [{"role": ("user", "assistant")[k % 2], "content": t} for k, t in enumerate(turns)]}
+    return row
+
+def shared_prompt(chosen: str, rejected: str) -> str:
+    """The prompt of an implicit-prompt string pair: the text both begin with, up to the whitespace before the word where they
+    part (that whitespace begins each response, as TL;DR's completions begin with a space)."""
+    same = os.path.commonprefix([chosen, rejected])
+    return same[:m.start()] if (m := re.search(r"\s+\S*\Z", same)) else ""
+
 def row_parts(row, where: str, kind: str) -> tuple:
     """The one place that decides a row's format (ROW_FORMATS): (prompt, [response]) for kind "sft", (prompt, [chosen, rejected])
     for "pref", strings or message lists. An SFT row may be a preference row: its chosen response is the demonstration. A
     'system' field makes the row a conversation that starts with that system message (never dropped)."""
-    for name in ("prompt", "completion", "messages", "chosen", "rejected", "system") if isinstance(row, dict) else ():
+    for name in ("prompt", "completion", "messages", "chosen", "rejected", "system", "text") if isinstance(row, dict) else ():
         if any(re.search("[\ud800-\udfff]", text) for text in strings_in(row.get(name))):  # (JSON's unpaired "\\ud800" escapes; no tokenizer takes them)
             raise DataError(f"{where}: field '{name}' holds a lone surrogate (an unpaired \\ud800-\\udfff escape), not text: fix or drop the row")
     prompt, responses = format_parts(row, where, kind)
@@ -1264,17 +1316,23 @@ def format_parts(row, where: str, kind: str) -> tuple:
             if any(r[:-1] != responses[0][:-1] for r in responses):
                 raise DataError(f"{where}: 'chosen' and 'rejected' must share every turn but the last")
             return responses[0][:-1], [r[-1:] for r in responses]
-        return field(row, where, "prompt", "(needed unless 'chosen' and 'rejected' are whole conversations) "), responses
+        if "prompt" not in row and all(isinstance(row.get(k), str) for k in ("chosen", "rejected")):  # TRL's implicit prompt
+            if (prompt := shared_prompt(row["chosen"], row["rejected"])).strip():
+                return prompt, [r[len(prompt):] for r in responses]
+        return field(row, where, "prompt", "(needed unless 'chosen' and 'rejected' are whole conversations, or strings that "
+                                           "begin alike) "), responses
     if "prompt" in row or "completion" in row:
         return field(row, where, "prompt"), [field(row, where, "completion")]
+    if kind == "sft" and "text" in row:  # TRL's language-modeling rows: no prompt, every token trained
+        return "", [field(row, where, "text")]
     raise DataError(f"{where}: no row format we read (columns: {', '.join(map(str, row)) or 'none'}); accepted: "
-                    + "; ".join(f for i, f in enumerate(ROW_FORMATS) if kind == "sft" or i >= 2))
+                    + "; ".join(ROW_FORMATS["pref"] if kind == "pref" else ROW_FORMATS["sft"] + ROW_FORMATS["pref"]))
 
 def field(row: dict, where: str, name: str, why: str = ""):
     """A non-empty string, or a list of {'role', 'content'} messages whose last is not empty."""
     if name not in row:
         raise DataError(f"{where}: missing field '{name}' {why}(has: {', '.join(map(str, row)) or 'nothing'}; row formats: "
-                        f"{'; '.join(ROW_FORMATS)})")
+                        f"{'; '.join(ROW_FORMATS['sft'] + ROW_FORMATS['pref'])})")
     value = row[name]
     if value is None:
         raise DataError(f"{where}: field '{name}' is null")
@@ -1293,6 +1351,7 @@ def field(row: dict, where: str, name: str, why: str = ""):
 def row_texts(row, tokenizer, where: str, kind: str, last_turn_only: bool = False) -> tuple:
     """(prompt, response text, ...): message lists through the chat template; the response is the last assistant turn. An SFT
     conversation with earlier assistant turns (unless last_turn_only) gives its prompt as (text, trained) segments instead."""
+    row = standard_row(row, where)
     prompt, responses = row_parts(row, where, kind)
     if isinstance(prompt, str) and all(isinstance(r, str) for r in responses):
         return (prompt, *responses)
@@ -1430,6 +1489,11 @@ def load_data(cfg, tokenizer, need_pref: bool = True) -> dict:
                 "test": read_rows(cfg.eval_data, cfg.eval_split, cfg.eval_size, "--eval_data") if cfg.eval_data else None}
         texts = {kind: [row_texts(r, tokenizer, sets[kind].where(i), "pref" if kind == "pref" else "sft", cfg.last_turn_only or kind == "test")
                         for i, r in enumerate(sets[kind].rows)] for kind in kinds if sets[kind]}
+        checks = [("test", 0, "evaluation answers prompts")] if cfg.eval_data else \
+            [("sft", max(len(texts["sft"]) - held_out, 0), "the last --eval_size rows are held out as test prompts (or give --eval_data)")]
+        for kind, start, why in checks + [("sft", 0, "LD-Align answers each SFT prompt itself")] * (not need_pref):
+            if (k := next((k for k in range(start, len(texts[kind])) if not prompt_text(texts[kind][k][0])), None)) is not None:
+                raise DataError(f"{sets[kind].where(k)}: a 'text' row has no prompt, and {why}; give rows with a prompt")
         if not cfg.eval_data:
             if len(texts["sft"]) <= held_out:
                 raise DataError(f"{cfg.sft_data}: {len(texts['sft'])} rows leave nothing to train on after holding out --eval_size "
@@ -2133,7 +2197,6 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def autocast(device: torch.device, dtype: torch.dtype):
     return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device_type=device.type, dtype=dtype)
-
 
 
 # ==== More than one process (torchrun): a thin layer; with one process every function here does nothing =====

@@ -142,8 +142,14 @@ CASES = [
     ("reward_model_without_head", BASELINE, ["--reward_model", "{model}"], ["--reward_model {model}: has no trained scalar head"], False),
     ("hbat_model_without_weights", "hbat.py", ["--model", "{data}/tokenizer_only"], ["--model {data}/tokenizer_only: could not load it from the folder"], False),
     # data files, rows and fields
-    ("csv_file", BASELINE, ["--sft_data", "{data}/sft.csv", "--pref_data", "{data}/pref.jsonl"],
-     ["--sft_data {data}/sft.csv: unsupported file type (supported: ", ".jsonl, .json, .parquet, .jsonl.gz, .json.gz"], SUB),
+    ("excel_file", BASELINE, ["--sft_data", "{data}/sft.xlsx", "--pref_data", "{data}/pref.jsonl"],
+     ["--sft_data {data}/sft.xlsx: unsupported file type (supported: ", ".jsonl, .json, .parquet, .csv, .jsonl.gz, .json.gz, .csv.gz"], SUB),
+    ("csv_extra_value", BASELINE, ["--sft_data", "{data}/extra.csv", "--pref_data", "{data}/pref.jsonl"],
+     ["{data}/extra.csv: row 2: more values than the header's 2 columns"], False),
+    ("text_rows_as_test_prompts", BASELINE, ["--sft_data", "{data}/text.jsonl", "--pref_data", "{data}/pref.jsonl"],
+     ["{data}/text.jsonl: row ", ": a 'text' row has no prompt, and the last --eval_size rows are held out as test prompts"], False),
+    ("sharegpt_unknown_role", BASELINE, ["--sft_data", "{data}/sharegpt.jsonl", "--pref_data", "{data}/pref.jsonl"],
+     ["{data}/sharegpt.jsonl: row 1: field 'conversations': turn 2 must be {'from': one of system, human, user, gpt, assistant"], False),
     ("file_missing", BASELINE, ["--sft_data", "{data}/nope.jsonl", "--pref_data", "{data}/pref.jsonl"], ["{data}/nope.jsonl: file not found"], False),
     ("path_missing", BASELINE, ["--sft_data", "{data}/nope", "--pref_data", "{data}/pref.jsonl"], ["--sft_data {data}/nope: no such file or folder"], False),
     ("folder_named_json", BASELINE, ["--sft_data", "{data}/folder.json", "--pref_data", "{data}/pref.jsonl"], ["{data}/folder.json: is a folder, not a file"], False),
@@ -189,7 +195,7 @@ CASES = [
     ("ld_align_pref_data", "ld_align.py", ["--pref_data", "{data}/pref.jsonl"], ["--pref_data is not used by this script"], False),
     ("ld_align_guide_heads", "ld_align.py", ["--guide_dim", "30", "--guide_heads", "4"], ["--guide_dim 30 must be a multiple of --guide_heads 4"], False),
     ("ld_align_w_max", "ld_align.py", ["--w_max", "0"], ["--w_max must be in (0, inf); got 0.0"], False),
-    ("ld_align_csv", "ld_align.py", ["--sft_data", "{data}/sft.csv"], ["--sft_data {data}/sft.csv: unsupported file type"], False),
+    ("ld_align_excel", "ld_align.py", ["--sft_data", "{data}/sft.xlsx"], ["--sft_data {data}/sft.xlsx: unsupported file type"], False),
 ]
 
 
@@ -208,6 +214,10 @@ def places(tmp_path_factory):
     jsonl("words.jsonl", [{"prompt": f"What is {n} plus {n}?", "completion": f"{n} plus {n} is {2 * n}."} for n in range(20)])
     jsonl("pref.jsonl", task["pref"])
     (data / "sft.csv").write_text("prompt,completion\na,b\n")
+    (data / "sft.xlsx").write_bytes(b"PK\x03\x04 not read")
+    (data / "extra.csv").write_text("prompt,completion\nsummarize : a,alice\nsummarize : b,bob,carol\n")
+    jsonl("text.jsonl", [{"text": r["prompt"] + " " + r["completion"]} for r in task["sft"]])
+    jsonl("sharegpt.jsonl", [{"conversations": [{"from": "human", "value": "hi"}, {"from": "bard", "value": "hello"}]}])
     jsonl("missing_field.jsonl", [r if i != 2 else {"prompt": r["prompt"], "response": "x"} for i, r in enumerate(task["sft"])])
     jsonl("null_field.jsonl", [r if i != 2 else {**r, "completion": None} for i, r in enumerate(task["sft"])])
     jsonl("empty_rejected.jsonl", [r if i != 1 else {**r, "rejected": ""} for i, r in enumerate(task["pref"])])

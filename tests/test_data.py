@@ -744,3 +744,153 @@ def test_load_data_missing_file(tiny, tmp_path):
     with pytest.raises(DataError) as err:
         common.load_data(make_cfg(sft_data=str(sft), pref_data=str(tmp_path / "missing.parquet")), tok)
     assert_names(str(err.value), tmp_path / "missing.parquet")
+
+
+# ------------------------------------------------------------------------------------------------
+# the other formats users bring: ShareGPT, alpaca, TRL text and implicit prompts, CSV
+# ------------------------------------------------------------------------------------------------
+
+QUESTION = "summarize : alice found the car in the park ."
+SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+def as_sharegpt(messages):
+    return [{"from": SHAREGPT_ROLE[m["role"]], "value": m["content"], "weight": None} for m in messages]  # (SlimOrca's weight)
+
+
+@pytest.mark.parametrize("row,standard", [
+    ({"conversations": as_sharegpt(CONVERSATION)}, {"messages": CONVERSATION}),
+    ({"conversations": as_sharegpt(CHAT)[:1] + [{"from": "assistant", "value": "alice found car"}]}, {"messages": CHAT}),  # user/assistant spellings
+    ({"instruction": "summarize :", "input": "alice found the car in the park .", "output": "alice found car", "text": "ignored"},
+     {"messages": [{"role": "user", "content": "summarize :\nalice found the car in the park ."}, CHAT[1]]}),
+    ({"instruction": QUESTION, "input": "", "output": "alice found car", "system": "be brief ."},
+     {"system": "be brief .", "messages": CHAT}),
+    ({"instruction": QUESTION, "output": "alice found car", "history": [["summarize : bob sold the lamp in the market .", "bob sold lamp"]]},
+     {"messages": CONVERSATION[1:5]}),
+], ids=["sharegpt", "sharegpt-user-assistant", "alpaca-input", "alpaca-system", "alpaca-history"])
+def test_sharegpt_and_alpaca_rows_train_exactly_as_their_messages(tiny, row, standard):
+    _, tok = tiny
+    tok.chat_template = TEMPLATE
+    assert common.row_texts(row, tok, "x", "sft") == common.row_texts(standard, tok, "x", "sft")
+    assert common.tokenize_sft([row], tok, 128, 64) == common.tokenize_sft([standard], tok, 128, 64)
+    if len(standard["messages"]) > 2:  # the earlier assistant turns carry the loss, as in a messages row
+        assert common.tokenize_sft([row], tok, 128, 64)[1]["earlier_turns"] == sum(m["role"] == "assistant" for m in standard["messages"]) - 1
+
+
+def test_a_text_row_trains_every_token_of_its_text(tiny, tmp_path):
+    _, tok = tiny
+    text = "user : summarize : alice found the car in the park . ; assistant : alice found car"
+    assert common.row_texts({"text": text}, tok, "x", "sft") == ("", text)
+    (e,), counts = common.tokenize_sft([{"text": text, "id": 7}], tok, 64, 48)
+    whole = ids_of(tok, text) + [tok.eos_token_id]  # (this tokenizer adds no BOS: no prompt token at all)
+    assert e["input_ids"] == e["labels"] == whole and e["prompt_ids"] == [] and counts["skipped"] == 0
+    bos = dict(tok.get_vocab())["<unk>"]  # a tokenizer that adds BOS: the text is trained after it
+    tok.bos_token = "<unk>"
+    tok._tokenizer.post_processor = __import__("tokenizers").processors.TemplateProcessing(single="<unk> $A", special_tokens=[("<unk>", bos)])
+    (e,), _ = common.tokenize_sft([{"text": text}], tok, 64, 48)
+    assert e["input_ids"] == [bos] + whole and e["labels"] == [IGNORE_INDEX] + whole
+
+
+def test_implicit_prompt_string_pairs_split_at_the_word_where_they_part(tiny):
+    _, tok = tiny
+    prompt = "summarize : carol fixed the door in the school . :"
+    row = {"chosen": prompt + " carol fixed door", "rejected": prompt + " car lost"}  # they part inside a word: "car|ol" / "car| "
+    explicit = {"prompt": prompt, "chosen": " carol fixed door", "rejected": " car lost"}
+    assert common.shared_prompt(row["chosen"], row["rejected"]) == prompt
+    assert common.row_texts(row, tok, "x", "pref") == (prompt, " carol fixed door", " car lost") == common.row_texts(explicit, tok, "x", "pref")
+    assert common.tokenize_pref([row], tok, 64, 48) == common.tokenize_pref([explicit], tok, 64, 48)
+    assert common.row_texts(row, tok, "x", "sft") == (prompt, " carol fixed door")  # SFT data: the chosen response
+    assert common.shared_prompt("a :\n\nyes", "a :\n\nyes please") == "a :"  # one is the other's beginning; whitespace runs stay whole
+    for no_prompt in ({"chosen": "alice found car", "rejected": "bob sold lamp"}, {"chosen": "alice", "rejected": "alice ."}):
+        with pytest.raises(DataError, match="row 1: missing field 'prompt'.*strings that begin alike"):
+            common.tokenize_pref([no_prompt], tok, 64, 48, where=numbered("pref.jsonl"))
+
+
+def write_csv(path, rows):
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_csv_files_read_the_same_rows_and_examples_as_json_lines(tiny, tmp_path):
+    _, tok = tiny
+    tricky = [*SFT_ROWS[:4], {"prompt": 'summarize : erin moved the boat , "twice" ,\nin the harbor . :', "completion": "erin moved boat"}]
+    for rows, kind in ((tricky, "sft"), (PREF_ROWS, "pref")):
+        got = common.read_rows(str(write_csv(tmp_path / f"{kind}.csv", rows)))
+        assert got.rows == rows and got.where(len(rows) - 1) == f"{tmp_path / f'{kind}.csv'}: row {len(rows)}"
+    write(tmp_path / "sft.jsonl", tricky), write(tmp_path / "pref.jsonl", PREF_ROWS)
+    data = {fmt: common.load_data(make_cfg(sft_data=str(tmp_path / f"sft.{fmt}"), pref_data=str(tmp_path / f"pref.{fmt}")), tok)
+            for fmt in ("csv", "jsonl")}
+    reports = {fmt: d.pop("report") for fmt, d in data.items()}
+    assert data["csv"] == data["jsonl"]
+    assert [(r["rows_read"], r["rows_used"]) for r in reports["csv"].values()] == [(3, 3), (3, 3), (2, 2)]
+    gz = tmp_path / "sft.csv.gz"
+    gz.write_bytes(__import__("gzip").compress((tmp_path / "sft.csv").read_bytes()))
+    assert common.read_rows(str(gz)).rows == tricky
+    long = [{"prompt": "summarize : " + "alice found the car . " * 10_000, "completion": "alice found car"}]  # 220 kB: one field
+    assert common.read_rows(str(write_csv(tmp_path / "long.csv", long))).rows == long
+
+
+@pytest.mark.parametrize("text,message", [
+    ("prompt,completion\nsummarize : a,alice\nsummarize : b,bob,extra\n", "row 2: more values than the header's 2 columns"),
+    ('prompt,completion\n"summarize :\na",alice\n"summarize" b,bob\n', "not valid CSV (line 4: ',' expected after '\"')"),
+])
+def test_bad_csv_names_file_and_row_or_line(tmp_path, text, message):
+    path = tmp_path / "sft.csv"
+    path.write_text(text)
+    with pytest.raises(DataError) as err:
+        common.read_rows(str(path))
+    assert str(err.value).startswith(f"{path}: {message}"), err.value
+
+
+def test_json_lines_with_a_raw_line_separator_inside_a_string(tmp_path):
+    rows = [{"prompt": "summarize : alice\u2028found the car . :", "completion": "alice\u2029found car"}, SFT_ROWS[1]]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert "\u2028" in path.read_text(encoding="utf-8")  # raw, not escaped
+    got = common.read_rows(str(path))
+    assert got.rows == rows and got.where(1) == f"{path}: row 2"
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "bing", "value": "hello"}]},
+     "row 1: field 'conversations': turn 2 must be {'from': one of system, human, user, gpt, assistant; 'value': text}"),
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": 5}]}, "row 1: field 'conversations': turn 2 must be"),
+    ({"conversations": [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "bye"}]}, "row 1: field 'conversations' needs a human turn and must end"),
+    ({"instruction": "", "output": "alice"}, "row 1: field 'instruction' must be a non-empty string"),
+    ({"instruction": "summarize :", "input": 3, "output": "alice"}, "row 1: field 'input' must be a string"),
+    ({"instruction": "summarize :", "output": "alice", "history": [["only one"]]}, "row 1: field 'history' must be a list of [instruction, response]"),
+    ({"question": "q", "answer": "a"}, "row 1: no row format we read (columns: question, answer); accepted: prompt + completion; messages"),
+])
+def test_bad_rows_of_the_other_formats_name_row_and_field(tiny, row, message):
+    _, tok = tiny
+    tok.chat_template = TEMPLATE
+    with pytest.raises(DataError) as err:
+        common.tokenize_sft([row], tok, 64, 48, where=numbered("sft.jsonl"))
+    assert str(err.value).startswith(f"sft.jsonl: {message}"), err.value
+    if "no row format" in message:
+        assert all(f in str(err.value) for f in ("ShareGPT", "alpaca", "text (the whole text trained)", "shared beginning"))
+
+
+def test_text_rows_are_refused_where_a_prompt_must_be_answered(tiny, tmp_path):
+    _, tok = tiny
+    text_rows = write(tmp_path / "text.jsonl", [{"text": f"{r['prompt']} {r['completion']}"} for r in SFT_ROWS])
+    pref = write(tmp_path / "pref.jsonl", PREF_ROWS)
+    sft = write(tmp_path / "sft.jsonl", SFT_ROWS)
+    cases = [(make_cfg(sft_data=str(text_rows), pref_data=str(pref)), True, f"{text_rows}: row 4: a 'text' row has no prompt, "
+              "and the last --eval_size rows are held out as test prompts (or give --eval_data)"),
+             (make_cfg(sft_data=str(sft), pref_data=str(pref), eval_data=str(text_rows)), True,
+              f"{text_rows}: row 1: a 'text' row has no prompt, and evaluation answers prompts"),
+             (make_cfg(sft_data=str(text_rows), eval_data=str(sft)), False,
+              f"{text_rows}: row 1: a 'text' row has no prompt, and LD-Align answers each SFT prompt itself")]
+    for cfg, need_pref, message in cases:
+        with pytest.raises(DataError) as err:
+            common.load_data(cfg, tok, need_pref=need_pref)
+        assert str(err.value).startswith(message), err.value
+    data = common.load_data(make_cfg(sft_data=str(text_rows), pref_data=str(pref), eval_data=str(sft)), tok)  # HBAT, two-stage: fine
+    assert [(r["rows_read"], r["rows_used"]) for r in data["report"].values()] == [(5, 5), (3, 3), (2, 2)]
+    assert all(e["labels"] == e["input_ids"] for e in data["sft"])
