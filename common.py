@@ -26,6 +26,7 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -1115,40 +1116,66 @@ _SPLIT, _HH_TURN = re.compile(r"([\w.-]+?)(?:\[(\d*):(\d*)\])?"), re.compile(r"\
 def data_suffix(path: Path) -> str:
     return next((s for s in DATA_SUFFIXES if path.name.lower().endswith(s)), "")
 
-def read_rows(spec: str, split: str = "train", limit: int = 0, flag: str = "--sft_data") -> SimpleNamespace:
-    """One split (sliced as train_sft[:2000] if asked) of a file (.json/.jsonl/.parquet, optionally .gz: one split), a folder of
-    such files named by split (the hub's data/<split>-00000-of-00002.parquet, or <split>.jsonl), a save_to_disk folder or a hub
-    name: rows (the first `limit` if > 0), source, split, files, and where(i) = "file: row k", as the file numbers it."""
+def read_rows(spec: str, split: str = "train", limit: int = 0, flag: str = "--sft_data", config: str = "") -> SimpleNamespace:
+    """One split (sliced as train_sft[:2000] if asked) of a file (.json/.jsonl/.parquet/.csv, optionally .gz: one split), a
+    folder of such files (split into splits as datasets.load_dataset splits it: data_files), a save_to_disk folder or a hub name
+    (`config`: datasets' name): rows (the first `limit` if > 0), source, split, files, repeated (rows that repeat a row of another
+    file of the split: skipped, as a folder holding one data set twice would train on each row twice), and where(i) = "file: row
+    k", as the file numbers it."""
     path, match, split_flag, files = Path(spec).expanduser(), _SPLIT.fullmatch(split), flag.replace("_data", "_split"), None
     if not match:
         raise ConfigError(f"{split_flag} {split!r}: expected a split name, or a slice of one: name[:N] or name[A:B]")
     name, start, stop = match.group(1), int(match.group(2) or 0), int(match.group(3)) if match.group(3) else None
+    saved = (path / "dataset_dict.json").exists() or (path / "state.json").exists()
+    if config and (path.is_file() or data_suffix(path) or saved):
+        raise ConfigError(f"{flag.replace('_data', '_config')} {config}: picks a config of a data set folder or hub name; {spec} has none")
     if path.is_file() or data_suffix(path):
         parts, name = [(path, read_file(path, flag))], "(the whole file)"
-    elif (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+    elif saved:
         parts, name, files = read_saved(path, name, flag)
     elif path.is_dir():
-        splits = {}
-        for f in sorted(path.rglob("*")):  # a file's split: its name before -00000-of-00002 or the suffix, else its folder's
-            if f.is_file() and data_suffix(f) and not any(p.startswith(".") for p in f.relative_to(path).parts):
-                stem = re.sub(r"-\d{5}-of-\d{5}.*$", "", f.name[:-len(data_suffix(f))])
-                splits.setdefault(f.parent.name if stem.isdigit() else stem, []).append(f)
+        splits = data_files(path, config, flag)
         if name not in splits:
-            raise DataError(f"{flag} {spec}: no split '{name}' " + (f"(it has: {', '.join(splits)}); choose one with {split_flag}"
-                                                                     if splits else f"(no {', '.join(DATA_SUFFIXES)} files)"))
+            raise DataError(f"{flag} {spec}: no split '{name}' (it has: {', '.join(splits)}); choose one with {split_flag}")
         parts = [(f, read_file(f, flag)) for f in splits[name]]
     elif spec.startswith(("/", ".", "~")):
         raise DataError(f"{flag} {spec}: no such file or folder")
     else:
-        parts = [(f"{spec} ({name})", read_hub(spec, name, flag))]
-    origins = [(sum(len(p) for _, p in parts[:i]), source) for i, (source, _) in enumerate(parts)]
-    rows = [row for _, part in parts for row in part][start:stop]
+        parts = [(f"{spec} ({name})", read_hub(spec, name, flag, config))]
+    numbered, first = [(source, k, row) for source, part in parts for k, row in enumerate(part, start=1)], {}
+    unique = [(source, k, row) for source, k, row in numbered  # (first: a row's text -> the file that holds it first)
+              if len(parts) == 1 or first.setdefault(json.dumps(row, sort_keys=True, default=str), source) == source]
+    kept = unique[start:stop][:limit] if limit > 0 else unique[start:stop]
+    return SimpleNamespace(rows=[row for _, _, row in kept], source=spec, split=name, where=lambda i: f"{kept[i][0]}: row {kept[i][1]}",
+                           repeated=len(numbered) - len(unique), files=files if files is not None else [p for p, _ in parts if isinstance(p, Path)])
 
-    def where(i: int) -> str:
-        offset, source = next((o, s) for o, s in reversed(origins) if o <= start + i)
-        return f"{source}: row {start + i - offset + 1}"
-    return SimpleNamespace(rows=rows[:limit] if limit > 0 else rows, source=spec, split=name, where=where,
-                           files=files if files is not None else [p for p, _ in parts if isinstance(p, Path)])
+def data_files(folder: Path, config: str, flag: str) -> dict[str, list[Path]]:
+    """A folder's data files per split, as datasets.load_dataset finds them: its README's `configs:` (`config` picks one), else
+    split names from the file names (data/test-00000-of-00001.parquet, train_0.jsonl, *_eval.jsonl: test; one file: train).
+    Where datasets would merge files of different names into one split (train_sft.jsonl and train_gen.jsonl: train), every
+    file's name is its split instead (the <split>.jsonl that Dataset.to_json writes per split)."""
+    import datasets
+
+    quiet_libraries()
+    try:
+        with tempfile.TemporaryDirectory() as cache:  # (the builder's lock file goes there, not into ~/.cache)
+            found = datasets.load_dataset_builder(str(folder), config or None, cache_dir=cache).config.data_files
+    except Exception as e:  # no config named, an unknown one, no data files, mixed formats: all mean "cannot read this folder"
+        configs = [] if isinstance(e, FileNotFoundError) else datasets.get_dataset_config_names(str(folder))
+        if config or len(configs) > 1:
+            raise ConfigError(f"{flag.replace('_data', '_config')} {config or '(none)'}: {folder} has the configs {', '.join(configs)} "
+                              f"(its README.md); choose one with {flag.replace('_data', '_config')}") from None
+        raise DataError(f"{flag} {folder}: no data set in this folder ({type(e).__name__}: {first_line(e)})") from None
+    base = folder.absolute()
+    found = {str(split): [folder / Path(f).relative_to(base) if Path(f).is_relative_to(base) else Path(f) for f in names]
+             for split, names in found.items()}  # (paths as the flag spells them)
+    stems = {f: re.sub(r"-\d{5}-of-\d{5}.*$", "", f.name[:-len(data_suffix(f)) or None]) for fs in found.values() for f in fs}
+    if config or all(len({re.sub(r"\d+", "0", stems[f]) for f in fs}) == 1 for fs in found.values()):  # (shards differ in numbers:
+        return found                                                                                 # train_0, train_1; part-00000-c000)
+    splits = {}
+    for f in sorted(stems):
+        splits.setdefault(stems[f], []).append(f)
+    return splits
 
 def read_saved(folder: Path, name: str, flag: str) -> tuple[list, str, list[Path]]:
     """A save_to_disk folder: one split of a DatasetDict, or a Dataset folder's only split; its files are the split's arrow files."""
@@ -1170,12 +1197,12 @@ def read_saved(folder: Path, name: str, flag: str) -> tuple[list, str, list[Path
         part, label = saved, f"{name} (the folder's only split)"
     return [(f"{folder} (split {name})", list(part))], label, [Path(f["filename"]) for f in part.cache_files]
 
-def read_hub(spec: str, split: str, flag: str) -> list[dict]:
+def read_hub(spec: str, split: str, flag: str, config: str = "") -> list[dict]:
     import datasets
 
     quiet_libraries()
     try:
-        return list(datasets.load_dataset(spec, split=split))
+        return list(datasets.load_dataset(spec, config or None, split=split))
     except Exception as e:  # the hub, a missing split, a format: all mean "cannot read this"
         raise DataError(f"{flag} {spec}: could not load split '{split}' ({type(e).__name__}: {first_line(e)})") from e
 
@@ -1484,9 +1511,9 @@ def load_data(cfg, tokenizer, need_pref: bool = True) -> dict:
     kinds = ("sft", "pref", "test") if need_pref else ("sft", "test")
     if cfg.sft_data:
         held_out = 0 if cfg.eval_data else cfg.eval_size
-        sets = {"sft": read_rows(cfg.sft_data, cfg.sft_split, cfg.n_sft + held_out if cfg.n_sft else 0, "--sft_data"),
-                "pref": read_rows(cfg.pref_data, cfg.pref_split, cfg.n_pref, "--pref_data") if need_pref else None,
-                "test": read_rows(cfg.eval_data, cfg.eval_split, cfg.eval_size, "--eval_data") if cfg.eval_data else None}
+        sets = {"sft": read_rows(cfg.sft_data, cfg.sft_split, cfg.n_sft + held_out if cfg.n_sft else 0, "--sft_data", cfg.sft_config),
+                "pref": read_rows(cfg.pref_data, cfg.pref_split, cfg.n_pref, "--pref_data", cfg.pref_config) if need_pref else None,
+                "test": read_rows(cfg.eval_data, cfg.eval_split, cfg.eval_size, "--eval_data", cfg.eval_config) if cfg.eval_data else None}
         texts = {kind: [row_texts(r, tokenizer, sets[kind].where(i), "pref" if kind == "pref" else "sft", cfg.last_turn_only or kind == "test")
                         for i, r in enumerate(sets[kind].rows)] for kind in kinds if sets[kind]}
         checks = [("test", 0, "evaluation answers prompts")] if cfg.eval_data else \
@@ -1500,10 +1527,10 @@ def load_data(cfg, tokenizer, need_pref: bool = True) -> dict:
                                 f"{held_out}; lower it or give --eval_data")
             texts["sft"], texts["test"] = texts["sft"][:-held_out], texts["sft"][-held_out:]
             sets["test"] = SimpleNamespace(source=f"{cfg.sft_data} (its last {held_out} rows)", split=sets["sft"].split, files=[],
-                                           rows=texts["test"])
+                                           rows=texts["test"], repeated=0)
     else:
         task = builtin_task(cfg.seed, cfg.n_sft, cfg.n_pref if need_pref else 0, cfg.eval_size)
-        sets = {kind: SimpleNamespace(source="built-in task", split=kind, files=[], rows=task[kind]) for kind in kinds}
+        sets = {kind: SimpleNamespace(source="built-in task", split=kind, files=[], rows=task[kind], repeated=0) for kind in kinds}
         texts = {kind: [(r["prompt"], *(r[k] for k in ("completion", "chosen", "rejected") if k in r)) for r in task[kind]] for kind in kinds}
     for kind in kinds:
         if not texts[kind]:
@@ -1520,7 +1547,7 @@ def load_data(cfg, tokenizer, need_pref: bool = True) -> dict:
         "prompt_cut": sum(len(encode_prompt(tokenizer, t["prompt"])) > room for t in tests),
         "in_training": len({t["prompt"] for t in tests} & {e["prompt"] for e in sft + pref})})}
     report = {kind: {"source": sets[kind].source, "split": sets[kind].split, "rows_read": len(texts[kind]), "rows_used": used[kind][0],
-                     **used[kind][1], "sha256": files_sha256(sets[kind].files)} for kind in kinds}
+                     **used[kind][1], "repeated": sets[kind].repeated, "sha256": files_sha256(sets[kind].files)} for kind in kinds}
     return {"sft": sft, "pref": pref, "test": tests, "builtin": not cfg.sft_data, "report": report}
 
 def data_lines(report: dict, cfg) -> list[str]:
@@ -1529,7 +1556,8 @@ def data_lines(report: dict, cfg) -> list[str]:
     for kind, r in report.items():
         cut = "; ".join(text for key, text in (("prompt_cut", "prompts cut from the left"), ("response_cut", "responses cut from "
                         "the right, losing their EOS"), ("skipped", "rows skipped (no room for a response)"),
-                        ("identical", "pairs skipped (chosen == rejected)")) if r.get(key) for text in [f"{r[key]} {text}"])
+                        ("identical", "pairs skipped (chosen == rejected)"), ("repeated", "rows not read (each repeats a row "
+                        "of another file of the split)")) if r.get(key) for text in [f"{r[key]} {text}"])
         lines.append(f"{dict(sft='SFT', pref='preference', test='test')[kind]} data: {r['source']}, split {r['split']}: "
                      f"{r['rows_used']} of {r['rows_read']} rows used" + (f" ({cut}; --max_length {cfg.max_length}, "
                                                                           f"--max_prompt_length {cfg.max_prompt_length})" if cut else "")
@@ -1580,6 +1608,9 @@ class TrainConfig:
     sft_split: str = "train"  # split of --sft_data (a slice works: train_sft[:2000])
     pref_split: str = "train"  # split of --pref_data
     eval_split: str = "test"  # split of --eval_data
+    sft_config: str = ""  # config of --sft_data when its README.md lists several (datasets' name, e.g. smoltalk's all); empty = the default
+    pref_config: str = ""  # config of --pref_data
+    eval_config: str = ""  # config of --eval_data
     eval_size: int = 100  # number of test prompts [1, inf)
     n_sft: int = 3000  # SFT rows: generated (built-in task), or the first n_sft of --sft_data (0 = all) [0, inf)
     n_pref: int = 2000  # preference pairs: generated, or the first n_pref of --pref_data (0 = all) [0, inf)
@@ -1738,6 +1769,8 @@ def check_config(cfg, need_pref: bool = True, problems: Iterable[str] = ()) -> N
              (cfg.loss_type == "ipo" and cfg.label_smoothing, "--label_smoothing applies to --loss_type sigmoid only"),
              (need_pref and bool(cfg.sft_data) != bool(cfg.pref_data), "give both --sft_data and --pref_data, or neither (the built-in task)"),
              (not need_pref and cfg.pref_data, "--pref_data is not used by this script (it needs SFT data only); drop it"),
+             *((getattr(cfg, f"{k}_config") and not getattr(cfg, f"{k}_data"), f"--{k}_config picks a config of --{k}_data; give both")
+               for k in ("sft", "pref", "eval")),
              (not cfg.sft_data and (cfg.n_sft == 0 or (need_pref and cfg.n_pref == 0)),
               "the built-in task needs --n_sft and --n_pref of at least 1 (0 means 'all rows' of a file)"),
              (cfg.resume and cfg.overwrite, "--resume continues the run in --output_dir and --overwrite replaces it; give one"),

@@ -150,6 +150,10 @@ CASES = [
      ["{data}/text.jsonl: row ", ": a 'text' row has no prompt, and the last --eval_size rows are held out as test prompts"], False),
     ("sharegpt_unknown_role", BASELINE, ["--sft_data", "{data}/sharegpt.jsonl", "--pref_data", "{data}/pref.jsonl"],
      ["{data}/sharegpt.jsonl: row 1: field 'conversations': turn 2 must be {'from': one of system, human, user, gpt, assistant"], False),
+    ("config_not_picked", BASELINE, ["--sft_data", "{data}/configs", "--pref_data", "{data}/pref.jsonl"],
+     ["--sft_config (none): {data}/configs has the configs all, one (its README.md); choose one with --sft_config"], False),
+    ("config_unknown", BASELINE, ["--sft_data", "{data}/configs", "--sft_config", "two", "--pref_data", "{data}/pref.jsonl"],
+     ["--sft_config two: {data}/configs has the configs all, one (its README.md)"], False),
     ("file_missing", BASELINE, ["--sft_data", "{data}/nope.jsonl", "--pref_data", "{data}/pref.jsonl"], ["{data}/nope.jsonl: file not found"], False),
     ("path_missing", BASELINE, ["--sft_data", "{data}/nope", "--pref_data", "{data}/pref.jsonl"], ["--sft_data {data}/nope: no such file or folder"], False),
     ("folder_named_json", BASELINE, ["--sft_data", "{data}/folder.json", "--pref_data", "{data}/pref.jsonl"], ["{data}/folder.json: is a folder, not a file"], False),
@@ -216,6 +220,11 @@ def places(tmp_path_factory):
     (data / "sft.csv").write_text("prompt,completion\na,b\n")
     (data / "sft.xlsx").write_bytes(b"PK\x03\x04 not read")
     (data / "extra.csv").write_text("prompt,completion\nsummarize : a,alice\nsummarize : b,bob,carol\n")
+    for config in ("all", "one"):
+        (data / "configs" / config).mkdir(parents=True)
+        jsonl(f"configs/{config}/train-00000-of-00001.jsonl", task["sft"])
+    (data / "configs" / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train-*\n" for c in ("all", "one")) + "---\n")
     jsonl("text.jsonl", [{"text": r["prompt"] + " " + r["completion"]} for r in task["sft"]])
     jsonl("sharegpt.jsonl", [{"conversations": [{"from": "human", "value": "hi"}, {"from": "bard", "value": "hello"}]}])
     jsonl("missing_field.jsonl", [r if i != 2 else {"prompt": r["prompt"], "response": "x"} for i, r in enumerate(task["sft"])])

@@ -894,3 +894,96 @@ def test_text_rows_are_refused_where_a_prompt_must_be_answered(tiny, tmp_path):
     data = common.load_data(make_cfg(sft_data=str(text_rows), pref_data=str(pref), eval_data=str(sft)), tok)  # HBAT, two-stage: fine
     assert [(r["rows_read"], r["rows_used"]) for r in data["report"].values()] == [(5, 5), (3, 3), (2, 2)]
     assert all(e["labels"] == e["input_ids"] for e in data["sft"])
+
+
+# ------------------------------------------------------------------------------------------------
+# folders, read the way datasets.load_dataset reads them
+# ------------------------------------------------------------------------------------------------
+
+CONFIGS_README = """---
+configs:
+- config_name: all
+  data_files:
+  - split: train
+    path: data/all/train-*
+  - split: test
+    path: data/all/test-*
+- config_name: magpie
+  data_files:
+  - split: train
+    path: data/magpie/train-*
+---
+# a smoltalk-like repository: `all` is the union of the other configs
+"""
+
+
+def smoltalk_like(root, readme=True):
+    """data/<config>/<split>-*.parquet; all = magpie + rewrite (every row of those is also in all)."""
+    magpie, rewrite = SFT_ROWS[:3], SFT_ROWS[3:]
+    for config, split, rows in (("all", "train", magpie + rewrite), ("all", "test", SFT_ROWS[:1]), ("magpie", "train", magpie),
+                                ("rewrite", "train", rewrite)):
+        (root / "data" / config).mkdir(parents=True, exist_ok=True)
+        write(root / "data" / config / f"{split}-00000-of-00001.parquet", rows)
+    if readme:
+        (root / "README.md").write_text(CONFIGS_README)
+    return root
+
+
+def test_a_readme_configs_entry_is_read_alone_and_picked_by_flag(tmp_path):
+    folder = smoltalk_like(tmp_path / "smoltalk")
+    got = common.read_rows(str(folder), "train", config="all")
+    assert got.rows == SFT_ROWS and got.repeated == 0 and got.files == [folder / "data/all/train-00000-of-00001.parquet"]
+    assert got.where(4) == f"{folder}/data/all/train-00000-of-00001.parquet: row 5"
+    assert common.read_rows(str(folder), "train", config="magpie").rows == SFT_ROWS[:3]
+    assert common.read_rows(str(folder), "test", config="all").rows == SFT_ROWS[:1]
+    for config in ("", "rewrite"):  # no config, or one the README does not list: refused, naming the configs
+        with pytest.raises(common.ConfigError) as err:
+            common.read_rows(str(folder), "train", config=config)
+        assert str(err.value) == (f"--sft_config {config or '(none)'}: {folder} has the configs all, magpie (its README.md); "
+                                  f"choose one with --sft_config")
+    with pytest.raises(common.ConfigError, match="--pref_config all: picks a config of a data set folder or hub name"):
+        common.read_rows(str(write(tmp_path / "p.jsonl", PREF_ROWS)), "train", flag="--pref_data", config="all")
+    assert "--eval_config picks a config of --eval_data; give both" in str(pytest.raises(common.ConfigError, common.check_config,
+                                                                                          make_cfg(eval_config="all")).value)
+
+
+def test_without_its_readme_a_folder_holding_rows_twice_trains_on_each_once(tiny, tmp_path):
+    folder = smoltalk_like(tmp_path / "smoltalk", readme=False)  # datasets would read all three configs' train files as one split
+    got = common.read_rows(str(folder), "train")
+    assert sorted(map(json.dumps, got.rows)) == sorted(map(json.dumps, SFT_ROWS)) and got.repeated == 5
+    assert len({json.dumps(r) for r in got.rows}) == len(got.rows)  # no row twice
+    _, tok = tiny
+    cfg = make_cfg(sft_data=str(folder), pref_data=str(write(tmp_path / "p.jsonl", PREF_ROWS)), eval_data=str(folder), eval_split="test")
+    report = common.load_data(cfg, tok)["report"]
+    assert (report["sft"]["rows_read"], report["sft"]["rows_used"], report["sft"]["repeated"]) == (5, 5, 5)
+    assert "5 of 5 rows used (5 rows not read (each repeats a row of another file of the split)" in common.data_lines(report, cfg)[0]
+    shards = tmp_path / "shards"  # a row repeated inside one file is the data's own: kept
+    shards.mkdir()
+    write(shards / "train_0.jsonl", SFT_ROWS[:2] + SFT_ROWS[:1]), write(shards / "train_1.jsonl", SFT_ROWS[2:] + SFT_ROWS[:1])
+    got = common.read_rows(str(shards), "train")
+    assert got.rows == SFT_ROWS[:2] + SFT_ROWS[:1] + SFT_ROWS[2:] and got.repeated == 1
+    assert got.where(5) == f"{shards}/train_1.jsonl: row 3"  # rows keep their numbers in their files
+
+
+@pytest.mark.parametrize("files,splits", [
+    ({"databricks-dolly-15k.jsonl": 5}, {"train": ["databricks-dolly-15k.jsonl"]}),  # a single-file repository: split train
+    ({"train_0.jsonl": 2, "train_1.jsonl": 3, "test_0.jsonl": 1}, {"train": ["train_0.jsonl", "train_1.jsonl"], "test": ["test_0.jsonl"]}),
+    ({"part-00000-6b1c-c000.json": 2, "part-00001-6b1c-c000.json": 3}, {"train": ["part-00000-6b1c-c000.json", "part-00001-6b1c-c000.json"]}),
+    ({"best_replies_train.jsonl": 4, "best_replies_eval.jsonl": 1}, {"train": ["best_replies_train.jsonl"], "test": ["best_replies_eval.jsonl"]}),
+    ({"train_sft.jsonl": 3, "train_gen.jsonl": 2, "test_sft.jsonl": 1}, {"train_gen": ["train_gen.jsonl"], "train_sft": ["train_sft.jsonl"],
+                                                                         "test_sft": ["test_sft.jsonl"]}),  # names, not merged into train
+    ({"data/train-00000-of-00002.parquet": 2, "data/train-00001-of-00002.parquet": 3, "data/test-00000-of-00001.parquet": 1},
+     {"train": ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"], "test": ["data/test-00000-of-00001.parquet"]}),
+], ids=["single-file", "numbered-shards", "spark-parts", "named-train-eval", "split-named-files", "hub-shards"])
+def test_a_folder_splits_as_datasets_splits_it_and_reads_a_split_s_shards_together(tmp_path, files, splits):
+    rows, at = {}, 0
+    for name, n in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        rows[name], at = [{**SFT_ROWS[(at + k) % 5], "id": at + k} for k in range(n)], at + n
+        write(tmp_path / name, rows[name], "parquet" if name.endswith(".parquet") else "jsonl")
+    assert {s: [f.relative_to(tmp_path).as_posix() for f in fs] for s, fs in common.data_files(tmp_path, "", "--sft_data").items()} == splits
+    for split, names in splits.items():
+        got = common.read_rows(str(tmp_path), split)
+        assert got.rows == [r for name in names for r in rows[name]] and got.repeated == 0
+    with pytest.raises(DataError, match=r"no split 'validation' \(it has: "):
+        common.read_rows(str(tmp_path), "validation")
