@@ -1106,7 +1106,7 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".jsonl.gz", ".json.gz", ".csv.gz")
 ROW_FORMATS = {"sft": ("prompt + completion", "messages (a conversation, every assistant turn trained; a 'prompt' beside it is ignored)",
-                       "ShareGPT conversations of {from, value}", "alpaca instruction (+ input, history) + output",
+                       "ShareGPT conversations of {from, value}", "alpaca instruction (+ input, history) + output (dolly: + context, response)",
                        "text (the whole text trained)"),
                "pref": ("prompt + chosen + rejected (strings without a prompt: their shared beginning is the prompt)",
                         "chosen + rejected conversations sharing all turns but the last (message lists, or Anthropic HH strings)")}
@@ -1264,8 +1264,8 @@ def hh_messages(text: str) -> list[dict] | None:
 
 def standard_row(row, where: str):
     """A ShareGPT or alpaca row in the columns row_parts reads: `conversations` of {from, value} become `messages` (roles
-    human/user, gpt/assistant, system); alpaca's instruction (+ "\\n" + input) -> output becomes a user and an assistant
-    turn, after its `history` pairs (as LLaMA-Factory reads it). Other columns (a `system` field) stay; other rows pass."""
+    human/user, gpt/assistant, system); alpaca's instruction (+ "\\n" + input) -> output (dolly's: context, response) becomes
+    a user and an assistant turn, after its `history` pairs (as LLaMA-Factory reads it). Other columns (`system`) stay."""
     if not isinstance(row, dict) or "messages" in row:
         return row
     if "conversations" in row:
@@ -1278,15 +1278,16 @@ def standard_row(row, where: str):
             raise DataError(f"{where}: field 'conversations' needs a human turn and must end with a gpt (assistant) turn")
         return {**{k: v for k, v in row.items() if k != "conversations"},
                 "messages": [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]}
-    if "instruction" in row and "output" in row:
-        extra, history = row.get("input") or "", row.get("history") or []
-        for name, value in (("instruction", row["instruction"]), ("input", extra), ("output", row["output"])):
-            if not isinstance(value, str) or (name != "input" and not value.strip()):
-                raise DataError(f"{where}: field '{name}' must be a{' non-empty' * (name != 'input')} string, got {str(value)[:80]!r}")
+    if "instruction" in row and ("output" in row or "response" in row):  # (databricks-dolly's names: context, response)
+        extra_name, answer = "context" if "context" in row else "input", "output" if "output" in row else "response"
+        extra, history = row.get(extra_name) or "", row.get("history") or []
+        for name, value in (("instruction", row["instruction"]), (extra_name, extra), (answer, row[answer])):
+            if not isinstance(value, str) or (name != extra_name and not value.strip()):
+                raise DataError(f"{where}: field '{name}' must be a{' non-empty' * (name != extra_name)} string, got {str(value)[:80]!r}")
         if not (isinstance(history, list) and all(isinstance(p, list | tuple) and len(p) == 2 and all(isinstance(t, str) for t in p)
                                                   for p in history)):
             raise DataError(f"{where}: field 'history' must be a list of [instruction, response] string pairs")
-        turns = [*(t for pair in history for t in pair), row["instruction"] + (f"\n{extra}" if extra.strip() else ""), row["output"]]
+        turns = [*(t for pair in history for t in pair), row["instruction"] + (f"\n{extra}" if extra.strip() else ""), row[answer]]
         return {**({"system": row["system"]} if "system" in row else {}),
                 "messages": [{"role": ("user", "assistant")[k % 2], "content": t} for k, t in enumerate(turns)]}
     return row

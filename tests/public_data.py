@@ -26,6 +26,22 @@ split of short English text written for these tests. Where each schema comes fro
   num_turns int64; splits train/test; README has `dataset_info:` and `configs:` (data/<split>-*).
   (num_turns is written here as the number of messages; the public value was not checked.)
 
+The formats other tools read (single-file repositories: load_dataset calls their one split "train"):
+- Open-Orca/SlimOrca (https://huggingface.co/datasets/Open-Orca/SlimOrca): ShareGPT, one file
+  oo-labeled_correct.gpt4.sharegpt.jsonl; conversations [{from, value, weight}] with from system/human/gpt
+  (weight null, 0.0, 1.0).
+- teknium/OpenHermes-2.5 (https://huggingface.co/datasets/teknium/OpenHermes-2.5): ShareGPT in one JSON list,
+  openhermes2_5.json; conversations [{from, value, weight: null}] (a system turn on some rows) beside mostly
+  null metadata columns (custom_instruction, topic, model_name, model, skip_prompt_formatting, category, views,
+  language, id, title, idx, hash, avatarUrl, system_prompt, source).
+- tatsu-lab/alpaca (https://huggingface.co/datasets/tatsu-lab/alpaca): instruction, input (empty on most
+  rows), output, text (the Stanford prompt rendered); data/train-00000-of-00001-a09b74b3ef9c3b56.parquet.
+- timdettmers/openassistant-guanaco (https://huggingface.co/datasets/timdettmers/openassistant-guanaco): text
+  ("### Human: ...### Assistant: ...", more turns on some rows); openassistant_best_replies_train.jsonl and
+  openassistant_best_replies_eval.jsonl (load_dataset: train and test).
+- databricks/databricks-dolly-15k (https://huggingface.co/datasets/databricks/databricks-dolly-15k): instruction,
+  context (often empty), response, category; one file databricks-dolly-15k.jsonl.
+
 Layouts (make_copy): "hub" (the repository's files, README.md included), "hub-noreadme" (the same
 without README.md), "disk" (DatasetDict.save_to_disk), "disk-split" (one split, Dataset.save_to_disk),
 "jsonl" (<split>.jsonl per split; <split>.jsonl.gz for Anthropic/hh-rlhf). The rows come from small text
@@ -137,6 +153,41 @@ def _capybara(i):
     return {"source": SOURCES[i % len(SOURCES)], "messages": msgs, "num_turns": len(msgs)}
 
 
+def _sharegpt(i, hermes):
+    q, good, _, f, fa = CHATS[i % len(CHATS)]
+    turns = [("human", q), ("gpt", good)] + ([("human", f), ("gpt", fa)] if hermes and i % 2 else [])
+    if not hermes or i % 3 == 0:
+        turns.insert(0, ("system", "You are an AI assistant. Answer helpfully and briefly."))
+    weight = {"system": None, "human": 0.0, "gpt": 1.0}
+    conversations = [{"from": who, "value": said, "weight": None if hermes else weight[who]} for who, said in turns]
+    if not hermes:
+        return {"conversations": conversations}
+    meta = dict.fromkeys(("custom_instruction", "topic", "model_name", "model", "skip_prompt_formatting", "category", "views",
+                          "language", "id", "title", "idx", "hash", "avatarUrl", "system_prompt"))
+    return {**meta, "conversations": conversations, "source": SOURCES[i % len(SOURCES)]}
+
+
+def _alpaca(i):
+    q, good, _, f, _ = CHATS[i % len(CHATS)]
+    extra = f"Context: {f}" if i % 3 == 1 else ""
+    prompt = (f"Below is an instruction that describes a task, paired with an input that provides further context. Write a response "
+              f"that appropriately completes the request.\n\n### Instruction:\n{q}\n\n### Input:\n{extra}\n\n### Response:\n") if extra else \
+        (f"Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+         f"### Instruction:\n{q}\n\n### Response:\n")
+    return {"instruction": q, "input": extra, "output": good, "text": prompt + good}
+
+
+def _guanaco(i):
+    q, good, _, f, fa = CHATS[i % len(CHATS)]
+    return {"text": f"### Human: {q}### Assistant: {good}" + (f"### Human: {f}### Assistant: {fa}" if i % 2 else "")}
+
+
+def _dolly(i):
+    q, good, _, f, _ = CHATS[i % len(CHATS)]
+    return {"instruction": q, "context": f if i % 2 else "", "response": good, "category": ("open_qa", "closed_qa")[i % 2]}
+
+
+SHAREGPT_TURNS = [{"from": S, "value": S, "weight": Value("float64")}]
 TAGS_CARD = "---\ntags:\n- trl\n---\n\n# {title}\n\nA TRL data set (local test copy).\n"
 SPECS = {  # name: splits (rows each), features, row builder (row index -> row), README, parquet shards
     "HuggingFaceH4/ultrachat_200k": dict(
@@ -167,6 +218,26 @@ SPECS = {  # name: splits (rows each), features, row builder (row index -> row),
     "trl-lib/Capybara": dict(
         splits={"train": 6, "test": 4}, features=Features({"source": S, "messages": MSGS, "num_turns": Value("int64")}),
         row=_capybara, readme="configs"),
+    # hub_files: split -> the repository's one file for it (as the public repository names it)
+    "Open-Orca/SlimOrca": dict(
+        splits={"train": 6}, features=Features({"conversations": SHAREGPT_TURNS}), row=lambda i: _sharegpt(i, hermes=False),
+        hub_files={"train": "oo-labeled_correct.gpt4.sharegpt.jsonl"}, readme="---\nlicense: mit\ntask_categories:\n- conversational\n---\n"),
+    "teknium/OpenHermes-2.5": dict(
+        splits={"train": 6}, features=Features({**{k: S for k in ("custom_instruction", "topic", "model_name", "model", "category", "views",
+                                                                  "language", "id", "title", "idx", "hash", "avatarUrl", "system_prompt")},
+                                                "skip_prompt_formatting": Value("bool"), "conversations": SHAREGPT_TURNS, "source": S}),
+        row=lambda i: _sharegpt(i, hermes=True), hub_files={"train": "openhermes2_5.json"},
+        readme="---\nlicense: other\nlanguage:\n- eng\n---\n"),
+    "tatsu-lab/alpaca": dict(
+        splits={"train": 6}, features=Features({"instruction": S, "input": S, "output": S, "text": S}), row=_alpaca,
+        hub_files={"train": "data/train-00000-of-00001-a09b74b3ef9c3b56.parquet"}, readme="---\nlicense: cc-by-nc-4.0\n---\n"),
+    "timdettmers/openassistant-guanaco": dict(
+        splits={"train": 5, "test": 4}, features=Features({"text": S}), row=_guanaco,
+        hub_files={"train": "openassistant_best_replies_train.jsonl", "test": "openassistant_best_replies_eval.jsonl"},
+        readme="---\nlicense: apache-2.0\n---\n"),
+    "databricks/databricks-dolly-15k": dict(
+        splits={"train": 6}, features=Features({"instruction": S, "context": S, "response": S, "category": S}), row=_dolly,
+        hub_files={"train": "databricks-dolly-15k.jsonl"}, readme="---\nlicense: cc-by-sa-3.0\n---\n"),
 }
 
 
@@ -233,6 +304,15 @@ def make_copy(name: str, layout: str, root: Path, split: str | None = None) -> P
         ext = ".jsonl.gz" if "subsets" in spec else ".jsonl"
         for s in spec["splits"]:
             _write_jsonl(out / f"{s}{ext}", rows(name, s))
+    elif "hub_files" in spec:  # the repository's own file per split: JSON Lines, one JSON list (.json) or parquet
+        for s, path in spec["hub_files"].items():
+            if path.endswith(".parquet"):
+                (out / path).parent.mkdir(parents=True, exist_ok=True)
+                _dataset(name, s).to_parquet(str(out / path))
+            elif path.endswith(".json"):
+                (out / path).write_text(json.dumps(rows(name, s), ensure_ascii=False, indent=1), encoding="utf-8")
+            else:
+                _write_jsonl(out / path, rows(name, s))
     elif "subsets" in spec:  # hh-rlhf: <subset>/<split>.jsonl.gz
         for sub in spec["subsets"]:
             for s in spec["splits"]:

@@ -767,7 +767,10 @@ def as_sharegpt(messages):
      {"system": "be brief .", "messages": CHAT}),
     ({"instruction": QUESTION, "output": "alice found car", "history": [["summarize : bob sold the lamp in the market .", "bob sold lamp"]]},
      {"messages": CONVERSATION[1:5]}),
-], ids=["sharegpt", "sharegpt-user-assistant", "alpaca-input", "alpaca-system", "alpaca-history"])
+    ({"instruction": "summarize :", "context": "alice found the car in the park .", "response": "alice found car", "category": "summarization"},
+     {"messages": [{"role": "user", "content": "summarize :\nalice found the car in the park ."}, CHAT[1]]}),
+    ({"instruction": QUESTION, "context": "", "response": "alice found car"}, {"messages": CHAT}),
+], ids=["sharegpt", "sharegpt-user-assistant", "alpaca-input", "alpaca-system", "alpaca-history", "dolly-context", "dolly"])
 def test_sharegpt_and_alpaca_rows_train_exactly_as_their_messages(tiny, row, standard):
     _, tok = tiny
     tok.chat_template = TEMPLATE
@@ -863,6 +866,7 @@ def test_json_lines_with_a_raw_line_separator_inside_a_string(tmp_path):
     ({"conversations": [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "bye"}]}, "row 1: field 'conversations' needs a human turn and must end"),
     ({"instruction": "", "output": "alice"}, "row 1: field 'instruction' must be a non-empty string"),
     ({"instruction": "summarize :", "input": 3, "output": "alice"}, "row 1: field 'input' must be a string"),
+    ({"instruction": "summarize :", "context": None, "response": " "}, "row 1: field 'response' must be a non-empty string"),
     ({"instruction": "summarize :", "output": "alice", "history": [["only one"]]}, "row 1: field 'history' must be a list of [instruction, response]"),
     ({"question": "q", "answer": "a"}, "row 1: no row format we read (columns: question, answer); accepted: prompt + completion; messages"),
 ])

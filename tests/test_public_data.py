@@ -23,7 +23,10 @@ from common import DataError
 
 UC, UF, HH = "HuggingFaceH4/ultrachat_200k", "HuggingFaceH4/ultrafeedback_binarized", "Anthropic/hh-rlhf"
 TRL_HH, TLDR, TLDR_PREF, CAPY = "trl-lib/hh-rlhf-helpful-base", "trl-lib/tldr", "trl-lib/tldr-preference", "trl-lib/Capybara"
-NAMES = [UC, UF, HH, TRL_HH, TLDR, TLDR_PREF, CAPY]
+SLIM, HERMES, ALPACA, GUANACO, DOLLY = ("Open-Orca/SlimOrca", "teknium/OpenHermes-2.5", "tatsu-lab/alpaca", "timdettmers/openassistant-guanaco",
+                                        "databricks/databricks-dolly-15k")
+NAMES = [UC, UF, HH, TRL_HH, TLDR, TLDR_PREF, CAPY, SLIM, HERMES, ALPACA, GUANACO, DOLLY]
+SHAREGPT = {"system": "system", "human": "user", "gpt": "assistant"}
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} ; {% endfor %}"
             "{% if add_generation_prompt %}assistant : {% endif %}")
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -53,8 +56,20 @@ def hh_by_hand(text):
     return messages
 
 
+def messages_by_hand(name, row):
+    """A conversation of the other tools' formats as messages: ShareGPT's turns; alpaca's or dolly's one exchange."""
+    if name in (SLIM, HERMES):
+        return [{"content": t["value"], "role": SHAREGPT[t["from"]]} for t in row["conversations"]]
+    extra = row["input" if name == ALPACA else "context"]
+    return [user(row["instruction"] + (f"\n{extra}" if extra else "")), assistant(row["output" if name == ALPACA else "response"])]
+
+
 def prompt_by_hand(name, row, kind):
     """The prompt of a row of data set `name`, from its schema: a string or the turns before the response."""
+    if name in (SLIM, HERMES, ALPACA, DOLLY):
+        return messages_by_hand(name, row)[:-1]
+    if name == GUANACO:
+        return ""  # language-modeling text: no prompt
     if name in (UC, CAPY) or (name == UF and kind == "sft"):
         return row["messages"][:-1]
     if name == UF:
@@ -66,6 +81,10 @@ def prompt_by_hand(name, row, kind):
 
 def reference_by_hand(name, row):
     """The SFT response of a row (for a preference row: the chosen one)."""
+    if name in (SLIM, HERMES, ALPACA, DOLLY):
+        return messages_by_hand(name, row)[-1]["content"]
+    if name == GUANACO:
+        return row["text"]
     if name in (UC, CAPY, UF):
         return row["messages"][-1]["content"]
     if name == HH:
@@ -104,6 +123,8 @@ def split_files(name, layout, folder, split):
     """The files a split is read from, listed by hand from the layout."""
     if layout == "jsonl":
         return [folder / f"{split}.jsonl{'.gz' if name == HH else ''}"]
+    if "hub_files" in P.SPECS[name]:
+        return [folder / P.SPECS[name]["hub_files"][split]]
     if name == HH:  # <subset>/<split>.jsonl.gz, subsets in folder order
         return [folder / subset / f"{split}.jsonl.gz" for subset in sorted(P.SPECS[HH]["subsets"])]
     n = P.SPECS[name].get("shards", {}).get(split, 1)
@@ -129,6 +150,7 @@ def test_every_split_is_read_alone_and_whole(copies, name, layout):
         # where(i) numbers rows as each file does: brute force over the files' own row counts
         expected = [f"{f}: row {k + 1}" for f in files for k in range(pyarrow.parquet.read_metadata(f).num_rows if f.suffix == ".parquet"
                                                                      else len(gzip.open(f).read().splitlines() if f.suffix == ".gz"
+                                                                              else json.loads(f.read_text()) if f.suffix == ".json"
                                                                               else f.read_text().splitlines()))]
         assert [got.where(i) for i in range(len(got.rows))] == expected
 
@@ -478,7 +500,21 @@ RUNS = [
     ("trl_hh_hbat", "hbat.py", {"sft": (TRL_HH, "jsonl", "train"), "pref": (TRL_HH, "jsonl", "train"), "test": (TRL_HH, "jsonl", "test")}),
     ("tldr_hbat", "hbat.py", {"sft": (TLDR, "hub", "train"), "pref": (TLDR_PREF, "hub", "train"), "test": (TLDR, "hub", "validation")}),
     ("capybara_ld_align", "ld_align.py", {"sft": (CAPY, "hub", "train"), "test": (CAPY, "hub", "test")}),
+    # the other tools' formats, in their repositories' own single-file layouts (split train, as load_dataset names it)
+    ("slimorca_two_stage", "two_stage_baseline.py", {"sft": (SLIM, "hub", "train"), "pref": (TLDR_PREF, "hub", "train"),
+                                                     "test": (DOLLY, "hub", "train")}),
+    ("openhermes_hbat", "hbat.py", {"sft": (HERMES, "hub", "train"), "pref": (TRL_HH, "hub", "train"), "test": (ALPACA, "hub", "train")}),
+    ("alpaca_ld_align", "ld_align.py", {"sft": (ALPACA, "hub", "train"), "test": (DOLLY, "hub", "train")}),
+    ("guanaco_two_stage", "two_stage_baseline.py", {"sft": (GUANACO, "hub", "train"), "pref": (TLDR_PREF, "hub", "train"),
+                                                    "test": (SLIM, "hub", "train")}),
+    ("dolly_hbat", "hbat.py", {"sft": (DOLLY, "hub", "train"), "pref": (TLDR_PREF, "hub", "validation"), "test": (HERMES, "hub", "train")}),
 ]
+
+
+def turns_by_hand(name, row):
+    """The assistant turns an SFT row trains."""
+    messages = row.get("messages") or (messages_by_hand(name, row) if name in (SLIM, HERMES, ALPACA, DOLLY) else [])
+    return sum(m["role"] == "assistant" for m in messages) or 1
 
 
 @pytest.mark.parametrize("case", RUNS, ids=[r[0] for r in RUNS])
@@ -506,7 +542,7 @@ def test_a_tiny_script_run_on_each_public_format(case, copies, chat_model, tmp_p
         label = {"sft": "SFT", "pref": "preference", "test": "test"}[kind]
         assert f"{label} data: {copies(name, layout)}, split {split}: {len(rows[kind])} of {len(rows[kind])} rows used" in stdout
         if kind == "sft":  # every assistant turn of a conversation trained; one response per row of the other formats
-            turns = sum(sum(m["role"] == "assistant" for m in row["messages"]) if "messages" in row else 1 for row in rows[kind])
+            turns = sum(turns_by_hand(name, row) for row in rows[kind])
             assert r["rows_used"] + r["earlier_turns"] == turns
     # evaluation used the test split's rows, in order; its overlap with the training prompts is reported and warned about
     results = json.loads((out / "results.json").read_text())

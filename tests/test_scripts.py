@@ -70,7 +70,7 @@ def test_smoke_two_stage_baseline_end_to_end(script_run, pref):
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"config", "reward_metric", "data", "sft", f"sft+{pref}", "examples"}
     assert results["data"]["sft"] == {"source": "built-in task", "split": "sft", "rows_read": 64, "rows_used": 64, "prompt_cut": 0,
-                                      "response_cut": 0, "skipped": 0, "identical": 0, "earlier_turns": 0,
+                                      "response_cut": 0, "skipped": 0, "identical": 0, "earlier_turns": 0, "repeated": 0,
                                       "sha256": None}
     assert results["data"]["test"]["in_training"] == 0  # the built-in task's test prompts are in no training set
     assert results["reward_metric"] == "gold reward"
