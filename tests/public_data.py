@@ -42,6 +42,12 @@ The formats other tools read (single-file repositories: load_dataset calls their
 - databricks/databricks-dolly-15k (https://huggingface.co/datasets/databricks/databricks-dolly-15k): instruction,
   context (often empty), response, category; one file databricks-dolly-15k.jsonl.
 
+A repository of several configs:
+- HuggingFaceTB/smoltalk (https://huggingface.co/datasets/HuggingFaceTB/smoltalk): messages [msgs], source str;
+  data/<config>/<split>-00000-of-00001.parquet for configs all, smol-magpie-ultra, smol-rewrite, ... (here those
+  three), splits train/test; `all` is the union of the others; README `configs:` lists each config's data_files.
+  Layouts "hub" and "hub-noreadme" only.
+
 Layouts (make_copy): "hub" (the repository's files, README.md included), "hub-noreadme" (the same
 without README.md), "disk" (DatasetDict.save_to_disk), "disk-split" (one split, Dataset.save_to_disk),
 "jsonl" (<split>.jsonl per split; <split>.jsonl.gz for Anthropic/hh-rlhf). The rows come from small text
@@ -235,6 +241,9 @@ SPECS = {  # name: splits (rows each), features, row builder (row index -> row),
         splits={"train": 5, "test": 4}, features=Features({"text": S}), row=_guanaco,
         hub_files={"train": "openassistant_best_replies_train.jsonl", "test": "openassistant_best_replies_eval.jsonl"},
         readme="---\nlicense: apache-2.0\n---\n"),
+    "HuggingFaceTB/smoltalk": dict(  # configs: the parts; "all" is their union, in this order
+        splits={"train": 3, "test": 2}, configs=("smol-magpie-ultra", "smol-rewrite"), features=Features({"messages": MSGS, "source": S}),
+        row=lambda i: {"messages": _conv(i, i % 2), "source": ("smol-magpie-ultra", "smol-rewrite")[i // 20]}, readme="configs"),
     "databricks/databricks-dolly-15k": dict(
         splits={"train": 6}, features=Features({"instruction": S, "context": S, "response": S, "category": S}), row=_dolly,
         hub_files={"train": "databricks-dolly-15k.jsonl"}, readme="---\nlicense: cc-by-sa-3.0\n---\n"),
@@ -251,6 +260,10 @@ def rows(name: str, split: str, subset: str | None = None) -> list[dict]:
         return [_trl_from_hh(r) for r in rows("Anthropic/hh-rlhf", split, "helpful-base")]
     if "subsets" in spec and subset is None:
         return [r for s in spec["subsets"] for r in rows(name, split, s)]
+    if "configs" in spec:  # smoltalk: config k's rows start at 20 k; "all" (or none) is every config's
+        if subset in (None, "all"):
+            return [r for c in spec["configs"] for r in rows(name, split, c)]
+        return [spec["row"](20 * spec["configs"].index(subset) + 5 * list(spec["splits"]).index(split) + i) for i in range(spec["splits"][split])]
     # each split (and hh-rlhf subset) starts at its own place in the text banks
     start = 5 * list(spec["splits"]).index(split) + (6 * spec["subsets"].index(subset) if subset else 0)
     return [spec["row"](start + i) for i in range(spec["splits"][split])]
@@ -268,8 +281,12 @@ def _yaml_feature(name, ftype, indent):
 def _configs_readme(name):
     """The README.md YAML header that `push_to_hub` writes: `configs:` data_files, then `dataset_info:`."""
     spec = SPECS[name]
-    lines = ["---", "configs:", "- config_name: default", "  data_files:"]
-    lines += [f"  - split: {s}\n    path: data/{s}-*" for s in spec["splits"]]
+    lines = ["---", "configs:"]
+    for config in ("all", *spec["configs"]) if "configs" in spec else ("default",):
+        lines += [f"- config_name: {config}", "  data_files:"] + [f"  - split: {s}\n    path: data/{config + '/' if 'configs' in spec else ''}{s}-*"
+                                                                  for s in spec["splits"]]
+    if "configs" in spec:  # (smoltalk's card: a dataset_info per config, left out here)
+        return "\n".join(lines + ["---", "", f"# Dataset Card for {name.split('/')[1]} (local test copy)", ""])
     lines += ["dataset_info:", "  features:"]
     lines += [line for k, v in spec["features"].items() for line in _yaml_feature(k, v, 2)]
     lines += ["  splits:"] + [f"  - name: {s}\n    num_bytes: {_dataset(name, s).data.nbytes}\n    num_examples: {n}"
@@ -313,6 +330,12 @@ def make_copy(name: str, layout: str, root: Path, split: str | None = None) -> P
                 (out / path).write_text(json.dumps(rows(name, s), ensure_ascii=False, indent=1), encoding="utf-8")
             else:
                 _write_jsonl(out / path, rows(name, s))
+    elif "configs" in spec:  # smoltalk: data/<config>/<split>-00000-of-00001.parquet, "all" included
+        for config in ("all", *spec["configs"]):
+            (out / "data" / config).mkdir(parents=True, exist_ok=True)
+            for s in spec["splits"]:
+                datasets.Dataset.from_list(rows(name, s, config), features=spec["features"]).to_parquet(
+                    str(out / "data" / config / f"{s}-00000-of-00001.parquet"))
     elif "subsets" in spec:  # hh-rlhf: <subset>/<split>.jsonl.gz
         for sub in spec["subsets"]:
             for s in spec["splits"]:

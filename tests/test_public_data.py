@@ -646,3 +646,40 @@ def test_show_examples_marks_every_assistant_turn_and_touches_no_folder(chat_mod
         text = proc.stdout.split(f"preference pair 1 of 1, {side}:\n")[1]
         assert text.startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n")
         assert re.findall(r"\[\[(.*?)\]\]", text.split("preference pair")[0], re.S) == [answer + "<|im_end|>"]
+
+
+# ------------------------------------------------------------------------------------------------
+# A repository of several configs (smoltalk): one config at a time, never every config's rows at once
+# ------------------------------------------------------------------------------------------------
+
+SMOL = "HuggingFaceTB/smoltalk"
+
+
+def test_smoltalk_is_read_one_config_at_a_time_and_without_its_readme_never_twice(copies):
+    folder = copies(SMOL, "hub")
+    for config in ("all", "smol-magpie-ultra", "smol-rewrite"):
+        for split in ("train", "test"):
+            got = C.read_rows(str(folder), split, config=config)
+            assert got.rows == P.rows(SMOL, split, config) and got.repeated == 0, (config, split)
+            assert got.files == [folder / "data" / config / f"{split}-00000-of-00001.parquet"]
+    assert len(P.rows(SMOL, "train", "all")) == 6 and len({json.dumps(r) for r in P.rows(SMOL, "train", "all")}) == 6
+    with pytest.raises(C.ConfigError, match="--sft_config \\(none\\): .* has the configs all, smol-magpie-ultra, smol-rewrite"):
+        C.read_rows(str(folder), "train")
+    bare = copies(SMOL, "hub-noreadme")  # datasets would read data/*/train-* as one split: each row twice
+    got = C.read_rows(str(bare), "train")
+    assert sorted(map(json.dumps, got.rows)) == sorted(map(json.dumps, P.rows(SMOL, "train", "all"))) and got.repeated == 6
+
+
+def test_a_tiny_run_on_a_config_of_smoltalk(copies, chat_model, tmp_path, capsys):
+    folder, out = copies(SMOL, "hub"), tmp_path / "run"
+    cfg = C.parse_config(two_stage_baseline.Config, [*TINY, "--sft_data", str(folder), "--sft_config", "smol-rewrite", "--eval_data", str(folder),
+                                                     "--eval_config", "all", "--pref_data", str(copies(TLDR_PREF, "hub")),
+                                                     "--model", str(chat_model), "--output_dir", str(out)])
+    two_stage_baseline.main(cfg)
+    report = json.loads((out / "results.json").read_text())["data"]
+    rows = P.rows(SMOL, "train", "smol-rewrite")
+    turns = sum(m["role"] == "assistant" for r in rows for m in r["messages"])
+    assert (report["sft"]["rows_read"], report["sft"]["rows_used"], report["sft"]["rows_used"] + report["sft"]["earlier_turns"]) == (3, 3, turns)
+    assert (report["test"]["split"], report["test"]["rows_used"]) == ("test", 2)
+    assert json.loads((out / "results.json").read_text())["config"]["sft_config"] == "smol-rewrite"
+    assert "SFT data: " + str(folder) + ", split train: 3 of 3 rows used" in capsys.readouterr().out
