@@ -1143,8 +1143,8 @@ def read_rows(spec: str, split: str = "train", limit: int = 0, flag: str = "--sf
     else:
         parts = [(f"{spec} ({name})", read_hub(spec, name, flag, config))]
     numbered, first = [(source, k, row) for source, part in parts for k, row in enumerate(part, start=1)], {}
-    unique = [(source, k, row) for source, k, row in numbered  # (first: a row's text -> the file that holds it first)
-              if len(parts) == 1 or first.setdefault(json.dumps(row, sort_keys=True, default=str), source) == source]
+    unique = [(source, k, row) for source, k, row in numbered if len(parts) == 1 or first.setdefault(  # (a row's hash -> its first file)
+              hashlib.blake2b(json.dumps(row, sort_keys=True, default=str).encode(), digest_size=16).digest(), source) == source]
     kept = unique[start:stop][:limit] if limit > 0 else unique[start:stop]
     return SimpleNamespace(rows=[row for _, _, row in kept], source=spec, split=name, where=lambda i: f"{kept[i][0]}: row {kept[i][1]}",
                            repeated=len(numbered) - len(unique), files=files if files is not None else [p for p, _ in parts if isinstance(p, Path)])
