@@ -1161,11 +1161,14 @@ def data_files(folder: Path, config: str, flag: str) -> dict[str, list[Path]]:
         with tempfile.TemporaryDirectory() as cache:  # (the builder's lock file goes there, not into ~/.cache)
             found = datasets.load_dataset_builder(str(folder), config or None, cache_dir=cache).config.data_files
     except Exception as e:  # no config named, an unknown one, no data files, mixed formats: all mean "cannot read this folder"
-        configs = [] if isinstance(e, FileNotFoundError) else datasets.get_dataset_config_names(str(folder))
-        if config or len(configs) > 1:
+        try:
+            configs = datasets.get_dataset_config_names(str(folder))  # (the README's, or "default")
+        except Exception:  # (it fails as the builder did)
+            configs = []
+        if len(configs) > 1 or (config and configs):
             raise ConfigError(f"{flag.replace('_data', '_config')} {config or '(none)'}: {folder} has the configs {', '.join(configs)} "
                               f"(its README.md); choose one with {flag.replace('_data', '_config')}") from None
-        raise DataError(f"{flag} {folder}: no data set in this folder ({type(e).__name__}: {first_line(e)})") from None
+        raise DataError(f"{flag} {folder}: datasets cannot split this folder into splits ({type(e).__name__}: {first_line(e)})") from None
     base = folder.absolute()
     found = {str(split): [folder / Path(f).relative_to(base) if Path(f).is_relative_to(base) else Path(f) for f in names]
              for split, names in found.items()}  # (paths as the flag spells them)
@@ -1775,7 +1778,9 @@ def check_config(cfg, need_pref: bool = True, problems: Iterable[str] = ()) -> N
              (not cfg.sft_data and (cfg.n_sft == 0 or (need_pref and cfg.n_pref == 0)),
               "the built-in task needs --n_sft and --n_pref of at least 1 (0 means 'all rows' of a file)"),
              (cfg.resume and cfg.overwrite, "--resume continues the run in --output_dir and --overwrite replaces it; give one"),
-             (not cfg.output_dir, "--output_dir is empty; give the folder the run writes into (not the current one by accident)"),
+             (not cfg.output_dir.strip(), f"--output_dir {cfg.output_dir!r} is empty or blank; give the folder the run writes into"),
+             (cfg.output_dir.strip() and Path(cfg.output_dir).resolve() == Path.cwd().resolve(),
+              f"--output_dir {cfg.output_dir} is the current folder; give the run a folder of its own (e.g. --output_dir runs/NAME)"),
              (cfg.fsdp and not dist.is_initialized(), "--fsdp shards the models over torchrun's processes: torchrun --nproc_per_node N script.py --fsdp")]
     problems += [message for broken, message in rules if broken]
     if not problems:  # the device, then the folder: only worth checking once the flags themselves are right
@@ -2056,10 +2061,12 @@ def prepare(cfg, *, need_pref: bool = True, problems: Iterable[str] = ()) -> Sim
         if is_main():
             print("\n\n".join(example_lines(data, tokenizer, cfg.show_examples)))
         raise SystemExit(0)
-    ids = [i for e in data["sft"] for i in e["input_ids"]] if cfg.model in TINY_MODELS and cfg.sft_data else []
-    if (unknown := sum(i == tokenizer.unk_token_id for i in ids) / max(len(ids), 1)) > 0.02:  # (tiny's vocabulary: the task's words)
-        raise ConfigError(f"--model {cfg.model}: {unknown:.0%} of --sft_data's tokens are unknown to it (<unk>: it knows only the "
-                          f"built-in task's {len(tokenizer)} words); give --model NAME_OR_PATH, a model whose tokenizer reads your data")
+    sets = [("--sft_data", [e["input_ids"] for e in data["sft"]]), ("--pref_data", [e[k]["input_ids"] for e in data["pref"] for k in ("chosen", "rejected")]),
+            ("--eval_data" if cfg.eval_data else "--sft_data", [encode_prompt(tokenizer, t["prompt"]) for t in data["test"]])]
+    for flag, ids in sets if cfg.model in TINY_MODELS and cfg.sft_data else ():  # (tiny's vocabulary: the task's words)
+        if (unknown := sum(row.count(tokenizer.unk_token_id) for row in ids) / max(sum(map(len, ids)), 1)) > 0.02:
+            raise ConfigError(f"--model {cfg.model}: {unknown:.0%} of {flag}'s tokens are unknown to it (<unk>: it knows only the "
+                              f"built-in task's {len(tokenizer)} words); give --model NAME_OR_PATH, a model whose tokenizer reads your data")
     check_inputs_unchanged(checkpoint, data, inputs)
     judge = load_reward_model(cfg.reward_model, tokenizer, cfg.trust_remote_code) if cfg.reward_model else None
     return SimpleNamespace(cfg=cfg, device=device, dtype=pick_dtype(cfg.dtype, device), out=out, checkpoint=checkpoint,

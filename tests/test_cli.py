@@ -179,7 +179,13 @@ CASES = [
     ("hub_data_set_with_a_dot", BASELINE, ["--sft_data", "nobody/data-2.5", "--pref_data", "{data}/pref.jsonl"],
      ["--sft_data nobody/data-2.5: could not load split 'train'"], False),
     # the output folder
-    ("output_dir_empty", BASELINE, ["--output_dir", ""], ["--output_dir is empty; give the folder the run writes into"], SUB),
+    ("output_dir_empty", BASELINE, ["--output_dir", ""], ["--output_dir '' is empty or blank; give the folder the run writes into"], SUB),
+    ("output_dir_blank", BASELINE, ["--output_dir", "  "], ["--output_dir '  ' is empty or blank"], False),
+    ("output_dir_current", BASELINE, ["--output_dir", "."], ["--output_dir . is the current folder; give the run a folder of its own"], False),
+    ("tiny_on_unknown_pref_words", BASELINE, ["--sft_data", "{data}/sft.jsonl", "--pref_data", "{data}/pref_words.jsonl"],
+     ["--model tiny: ", "% of --pref_data's tokens are unknown to it"], False),
+    ("folder_of_mixed_formats", BASELINE, ["--sft_data", "{data}/mixed", "--pref_data", "{data}/pref.jsonl"],
+     ["--sft_data {data}/mixed: datasets cannot split this folder into splits (ValueError: Couldn't infer the same data file format"], False),
     ("output_dir_is_a_file", BASELINE, ["--output_dir", "{data}/sft.jsonl"], ["--output_dir {data}/sft.jsonl: is a file, not a folder"], SUB),
     ("output_dir_holds_a_run", BASELINE, ["--output_dir", "{out}"], ["holds another run's files", "--overwrite", "--resume"], SUB),
     ("resume_with_other_settings", BASELINE, ["--resume", "--beta", "0.2", "--output_dir", "{out}"],
@@ -225,6 +231,10 @@ def places(tmp_path_factory):
         jsonl(f"configs/{config}/train-00000-of-00001.jsonl", task["sft"])
     (data / "configs" / "README.md").write_text("---\nconfigs:\n" + "".join(
         f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train-*\n" for c in ("all", "one")) + "---\n")
+    jsonl("pref_words.jsonl", [{"prompt": f"What is {n} plus {n}?", "chosen": f"It is {2 * n}.", "rejected": "No idea."} for n in range(12)])
+    (data / "mixed").mkdir()
+    jsonl("mixed/train.jsonl", task["sft"])
+    (data / "mixed" / "test.csv").write_text("prompt,completion\na,b\n")
     jsonl("text.jsonl", [{"text": r["prompt"] + " " + r["completion"]} for r in task["sft"]])
     jsonl("sharegpt.jsonl", [{"conversations": [{"from": "human", "value": "hi"}, {"from": "bard", "value": "hello"}]}])
     jsonl("missing_field.jsonl", [r if i != 2 else {"prompt": r["prompt"], "response": "x"} for i, r in enumerate(task["sft"])])
