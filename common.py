@@ -1736,8 +1736,8 @@ def read_settings(cls, file: str) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
         settings = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except OSError as e:
-        raise ConfigError(f"{where}: {e.strerror or e}") from None
+    except (OSError, UnicodeError) as e:  # (UnicodeError: a file name or text that is not UTF-8)
+        raise ConfigError(f"{where}: {getattr(e, 'strerror', None) or first_line(e)}") from None
     except (ValueError, yaml.YAMLError) as e:
         mark = getattr(e, "problem_mark", None)
         raise ConfigError(f"{where}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
@@ -1766,6 +1766,9 @@ def check_config(cfg, need_pref: bool = True, problems: Iterable[str] = ()) -> N
     is real data, and --pref_data is refused."""
     problems, (_, ranges, choices) = list(problems), setting_rules(type(cfg))
     problems += [f"--{name} {problem}" for name, value in dataclasses.asdict(cfg).items() if (problem := setting_problem(name, value, ranges, choices))]
+    unreadable = [name for name, value in dataclasses.asdict(cfg).items() if isinstance(value, str) and re.search("[\ud800-\udfff]", value)]
+    problems += [f"--{name} {getattr(cfg, name)!r} is not UTF-8 text (an undecodable byte or a lone surrogate): no library takes it; "
+                 f"rename the file or folder, or give another" for name in unreadable]
     rules = [(cfg.grad_accum_steps >= 1 and cfg.batch_size % cfg.grad_accum_steps,
               f"--batch_size {cfg.batch_size} must be a multiple of --grad_accum_steps {cfg.grad_accum_steps}"),
              (cfg.ppo_minibatches > cfg.ppo_batch_size >= 1, f"--ppo_minibatches {cfg.ppo_minibatches} is more than --ppo_batch_size {cfg.ppo_batch_size}"),
@@ -1779,7 +1782,7 @@ def check_config(cfg, need_pref: bool = True, problems: Iterable[str] = ()) -> N
               "the built-in task needs --n_sft and --n_pref of at least 1 (0 means 'all rows' of a file)"),
              (cfg.resume and cfg.overwrite, "--resume continues the run in --output_dir and --overwrite replaces it; give one"),
              (not cfg.output_dir.strip(), f"--output_dir {cfg.output_dir!r} is empty or blank; give the folder the run writes into"),
-             (cfg.output_dir.strip() and Path(cfg.output_dir).resolve() == Path.cwd().resolve(),
+             (cfg.output_dir.strip() and "output_dir" not in unreadable and Path(cfg.output_dir).resolve() == Path.cwd().resolve(),
               f"--output_dir {cfg.output_dir} is the current folder; give the run a folder of its own (e.g. --output_dir runs/NAME)"),
              (cfg.fsdp and not dist.is_initialized(), "--fsdp shards the models over torchrun's processes: torchrun --nproc_per_node N script.py --fsdp")]
     problems += [message for broken, message in rules if broken]

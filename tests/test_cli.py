@@ -181,6 +181,8 @@ CASES = [
     # the output folder
     ("output_dir_empty", BASELINE, ["--output_dir", ""], ["--output_dir '' is empty or blank; give the folder the run writes into"], SUB),
     ("output_dir_blank", BASELINE, ["--output_dir", "  "], ["--output_dir '  ' is empty or blank"], False),
+    ("output_dir_not_utf8", BASELINE, ["--output_dir", "runs/\udcff"], ["--output_dir 'runs/\\udcff' is not UTF-8 text"], False),  # (argv's byte 0xff)
+    ("config_path_lone_surrogate", BASELINE, ["--config", "{data}/surrogate_path.json"], ["--sft_data '/data/\\ud800.jsonl' is not UTF-8 text"], False),
     ("output_dir_current", BASELINE, ["--output_dir", "."], ["--output_dir . is the current folder; give the run a folder of its own"], False),
     ("tiny_on_unknown_pref_words", BASELINE, ["--sft_data", "{data}/sft.jsonl", "--pref_data", "{data}/pref_words.jsonl"],
      ["--model tiny: ", "% of --pref_data's tokens are unknown to it"], False),
@@ -231,6 +233,7 @@ def places(tmp_path_factory):
         jsonl(f"configs/{config}/train-00000-of-00001.jsonl", task["sft"])
     (data / "configs" / "README.md").write_text("---\nconfigs:\n" + "".join(
         f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train-*\n" for c in ("all", "one")) + "---\n")
+    (data / "surrogate_path.json").write_text('{"sft_data": "/data/\\ud800.jsonl", "pref_data": "/data/pref.jsonl"}')
     jsonl("pref_words.jsonl", [{"prompt": f"What is {n} plus {n}?", "chosen": f"It is {2 * n}.", "rejected": "No idea."} for n in range(12)])
     (data / "mixed").mkdir()
     jsonl("mixed/train.jsonl", task["sft"])
