@@ -1,8 +1,10 @@
 """What the three alignment scripts share (two_stage_baseline.py, hbat.py, ld_align.py).
 
-The method comes first: batches and masking; log-probs; the losses, each beside its equation; the Fisher/EWC
-math; the training loops; generation and evaluation. Below the MACHINERY banner (skip it): the built-in task,
-loading models and data, settings and command line, output folders and checkpoints, set-up, torchrun.
+The method comes first: the shared settings and their defaults; how a (prompt, response) becomes tokens and labels;
+batches and masking; log-probs; the losses, each beside its equation; the Fisher/EWC math; the training loops (with
+precision and gradient clipping); generation and evaluation. Below the MACHINERY banner (skip it): the built-in task,
+loading models, reading data files and row formats into (prompt, response) text, the command line, output folders and
+checkpoints, set-up, torchrun.
 Conventions: labels are built before padding; prompt and padding positions are labelled IGNORE_INDEX; EOS ends
 every response and is labelled (only truncation can cut it); log-probs are float32.
 """
@@ -41,6 +43,162 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 
 IGNORE_INDEX = -100  # the label of a position no loss reads: prompt and padding
+
+
+# ==== Settings every script shares: the defaults are the built-in task's ====================================
+
+@dataclass
+class TrainConfig:
+    """Settings every script shares. Defaults fit the built-in task on the tiny model; for a real model lower the
+    learning rates (README). A comment's [a, b) is the flag's range, {a, b} its choices: both are enforced."""
+    # --- model and data
+    model: str = "tiny"  # Hugging Face model name or folder; tiny = the built-in task's small Llama, warm-started (tiny-random: not)
+    trust_remote_code: bool = False  # allow a hub model's own Python code (only for models you trust)
+    sft_data: str = ""  # SFT rows: a file, data set folder or hub name (README: formats); empty = the built-in task
+    pref_data: str = ""  # preference rows: a file, data set folder or hub name; empty = the built-in task
+    eval_data: str = ""  # held-out SFT-format rows for evaluation; empty = the last --eval_size rows of --sft_data
+    sft_split: str = "train"  # split of --sft_data (a slice works: train_sft[:2000])
+    pref_split: str = "train"  # split of --pref_data
+    eval_split: str = "test"  # split of --eval_data
+    sft_config: str = ""  # config of --sft_data when its README.md lists several (datasets' name, e.g. smoltalk's all); empty = the default
+    pref_config: str = ""  # config of --pref_data
+    eval_config: str = ""  # config of --eval_data
+    eval_size: int = 100  # number of test prompts [1, inf)
+    n_sft: int = 3000  # SFT rows: generated (built-in task), or the first n_sft of --sft_data (0 = all) [0, inf)
+    n_pref: int = 2000  # preference pairs: generated, or the first n_pref of --pref_data (0 = all) [0, inf)
+    max_length: int = 512  # prompt + response tokens; longer rows are truncated [2, inf)
+    max_prompt_length: int = 256  # a truncated prompt keeps at least its last this-many tokens [1, inf)
+    last_turn_only: bool = False  # chat SFT: only a conversation's last assistant turn carries the loss (default: every assistant turn)
+    show_examples: int = 0  # print the first N examples of each training set as the model sees them, the tokens with a loss in [[ ]], and exit [0, inf)
+    # --- optimisation: every stage has its own AdamW and schedule
+    seed: int = 0  # seeds data generation, initialisation, shuffling and sampling [0, 4294967295]
+    device: str = "auto"  # auto (CUDA if present) | cpu | cuda | cuda:N
+    dtype: str = "auto"  # autocast dtype: auto = bfloat16 on CUDA, float32 on CPU {auto, float32, bfloat16, bf16}
+    batch_size: int = 32  # examples or pairs per optimizer step [1, inf)
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (the same update, less memory) [1, inf)
+    gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~1/3 more compute
+    precompute_ref_logps: bool = False  # DPO: the reference's log-probs computed once, before training; no reference model held
+    fsdp: bool = False  # under torchrun: shard each transformer layer over the processes with FSDP2 (default: DDP)
+    sft_epochs: int = 3  # passes over the SFT data (per stage in HBAT) [0, inf)
+    sft_lr: float = 1e-3  # SFT learning rate (tiny model; ~2e-5 for a real one) (0, inf)
+    pref_epochs: int = 1  # passes over the preference data (DPO pairs or PPO prompts) [1, inf)
+    pref_lr: float = 2e-4  # DPO / PPO policy learning rate (tiny model; ~5e-7 to 1e-6 for a real one) (0, inf)
+    lr_scheduler_type: str = "constant"  # the learning rate after the warm-up, in every stage {constant, linear, cosine}
+    warmup_steps: int = 10  # linear warm-up at the start of every stage (at most half the stage) [0, inf)
+    warmup_ratio: float = 0.0  # if above 0: the warm-up is this fraction of each stage's steps instead [0, 1]
+    weight_decay: float = 0.0  # AdamW weight decay (matrices only) [0, inf)
+    adam_beta1: float = 0.9  # AdamW beta1 [0, 1)
+    adam_beta2: float = 0.999  # AdamW beta2 [0, 1)
+    max_grad_norm: float = 1.0  # gradient clipping (0, inf)
+    # --- DPO, and the joint objective
+    beta: float = 0.1  # DPO temperature on the log-ratios (0, inf)
+    loss_type: str = "sigmoid"  # DPO loss {sigmoid, ipo}
+    label_smoothing: float = 0.0  # conservative DPO: the assumed fraction of flipped labels [0, 0.5)
+    sft_coef: float = 0.0  # joint objective: + this times the SFT loss in every preference update (DPO: the chosen response's per-token NLL; PPO: an SFT batch) [0, inf)
+    # --- reward model and PPO
+    rm_epochs: int = 1  # reward-model passes over the preference pairs [1, inf)
+    rm_lr: float = 1e-4  # reward-model learning rate (0, inf)
+    value_lr: float = 1e-4  # value-model learning rate (it starts from the reward model) (0, inf)
+    ppo_batch_size: int = 64  # prompts per rollout [1, inf)
+    ppo_epochs: int = 2  # optimisation passes over each rollout [1, inf)
+    ppo_minibatches: int = 2  # minibatches (optimizer steps) per pass [1, inf)
+    ppo_micro_batch_size: int = 4  # sequences per PPO forward and backward (gradients accumulated): bounds PPO's memory [1, inf)
+    critic: bool = True  # PPO with a value model and GAE; --no-critic: the HBAT authors' critic-free PPO (README)
+    kl_coef: float = 0.05  # per-token KL penalty to the reference [0, inf)
+    gamma: float = 1.0  # discount [0, 1]
+    lam: float = 0.95  # GAE lambda [0, 1]
+    clip: float = 0.2  # policy ratio clip (0, inf)
+    value_clip: float = 0.2  # value clip (0, inf)
+    temperature: float = 1.0  # rollout sampling temperature (PPO's log-probs use the same) (0, inf)
+    # --- evaluation and output
+    max_new_tokens: int = 32  # generation limit (evaluation and rollouts) [1, inf)
+    eval_samples: int = 4  # responses sampled at temperature 1 per test prompt, scored beside the greedy one (0 = greedy only) [0, inf)
+    eval_batch_size: int = 64  # prompts per generation batch [1, inf)
+    reward_model: str = ""  # real data: a reward model folder (same tokenizer) that scores evaluations
+    output_dir: str = "runs/out"  # models, metrics.jsonl and results.json go here
+    overwrite: bool = False  # replace the run in --output_dir (kept aside until this one finishes)
+    resume: bool = False  # continue the interrupted run in --output_dir from its last checkpoint
+    debug: bool = False  # on an error, show the Python traceback too (or set ALIGN_DEBUG=1)
+
+
+# ==== Tokens and labels: how a (prompt, response) becomes a training example ================================
+
+def prompt_text(prompt) -> str:
+    """A prompt's text: the string, or its segments joined."""
+    return prompt if isinstance(prompt, str) else "".join(text for text, _ in prompt)
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Prompt ids, with BOS where the tokenizer normally adds it (chat templates carry their own)."""
+    ids, bos = tokenizer(text, add_special_tokens=False).input_ids, tokenizer.bos_token_id
+    return [bos] + ids if bos is not None and ids[:1] != [bos] and tokenizer("a").input_ids[:1] == [bos] else ids
+
+def encode_context(tokenizer, prompt) -> tuple[list[int], list[int]]:
+    """A prompt's ids and labels: IGNORE_INDEX, but for the ids of segments marked trained (a conversation's earlier assistant
+    turns). Segments are tokenized apart, like prompt and response."""
+    segments = [(prompt, False)] if isinstance(prompt, str) else prompt
+    ids, labels = [], []
+    for k, (text, trained) in enumerate(segments):
+        part = encode_prompt(tokenizer, text) if k == 0 else tokenizer(text, add_special_tokens=False).input_ids
+        ids, labels = ids + part, labels + (part if trained else [IGNORE_INDEX] * len(part))
+    return ids, labels
+
+def encode_response(tokenizer, text: str) -> list[int]:
+    """Response ids + EOS, tokenized apart from the prompt so the boundary never drifts."""
+    return tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+
+def keep_last(ids: list[int], n: int, bos_id: int | None = None) -> list[int]:
+    """The last n tokens of ids; a leading BOS survives the cut (it still counts towards n)."""
+    if len(ids) <= n:
+        return ids
+    if n > 0 and bos_id is not None and ids[:1] == [bos_id]:
+        return [bos_id] + ids[len(ids) - n + 1:]
+    return ids[len(ids) - n:] if n > 0 else []
+
+def kept_labels(labels: list[int], ids: list[int], kept: list[int], bos_id: int | None) -> list[int]:
+    """The labels of the tokens that keep_last(ids, ...) kept: a leading BOS and the last ones."""
+    if len(kept) == len(ids):
+        return labels
+    head = 1 if kept and bos_id is not None and ids[:1] == [bos_id] else 0
+    return labels[:head] + labels[len(labels) - len(kept) + head:]
+
+def truncate(prompt_ids: list[int], responses: list[list[int]], max_length: int, max_prompt_length: int, bos_id: int | None = None):
+    """Over max_length, the prompt loses its left side first (as much as needed, never below max_prompt_length tokens), then
+    the responses their right side (and EOS). None if no response token is left."""
+    longest = max(map(len, responses))
+    if len(prompt_ids) + longest > max_length:
+        prompt_ids = keep_last(prompt_ids, max(max_length - longest, max_prompt_length), bos_id)
+        responses = [r[: max(max_length - len(prompt_ids), 0)] for r in responses]
+    return None if min(map(len, responses)) == 0 else (prompt_ids, responses)
+
+def generation_prompt(tokenizer, text: str, cfg) -> list[int]:
+    """Prompt ids for generation, cut by the training rule so that --max_new_tokens still fit."""
+    return keep_last(encode_prompt(tokenizer, text), max(cfg.max_length - cfg.max_new_tokens, cfg.max_prompt_length), tokenizer.bos_token_id)
+
+def tokenize(texts: list[tuple], tokenizer, max_length: int, max_prompt_length: int) -> tuple[list[dict], dict]:
+    """Tokenized, truncated (prompt, response, ...) texts: examples ({"input_ids", "labels", "prompt", "reference", "prompt_ids"},
+    or {"chosen", "rejected", "prompt", "prompt_ids"}) and counts: prompt_cut, response_cut, skipped (no room), identical
+    (chosen == rejected), and earlier_turns: the assistant turns before the last that carry the loss (segmented prompts)."""
+    examples, counts = [], {"prompt_cut": 0, "response_cut": 0, "skipped": 0, "identical": 0, "earlier_turns": 0}
+    for prompt, *responses in texts:
+        if len(responses) == 2 and responses[0] == responses[1]:
+            counts["identical"] += 1
+            continue
+        (prompt_ids, prompt_labels), response_ids = encode_context(tokenizer, prompt), [encode_response(tokenizer, r) for r in responses]
+        cut = truncate(prompt_ids, response_ids, max_length, max_prompt_length, tokenizer.bos_token_id)
+        counts["skipped"] += cut is None
+        if cut is None:
+            continue
+        counts["prompt_cut"] += len(cut[0]) < len(prompt_ids)
+        counts["response_cut"] += any(len(a) < len(b) for a, b in zip(cut[1], response_ids))
+        if len(responses) == 1:
+            labels = kept_labels(prompt_labels, prompt_ids, cut[0], tokenizer.bos_token_id)
+            counts["earlier_turns"] += sum(a == IGNORE_INDEX != b for a, b in zip([IGNORE_INDEX, *labels], labels))  # (those kept)
+            examples.append({**sequence(cut[0], cut[1][0], labels), "prompt": prompt_text(prompt), "reference": responses[0],
+                             "prompt_ids": cut[0]})
+        else:
+            examples.append({"chosen": sequence(cut[0], cut[1][0]), "rejected": sequence(cut[0], cut[1][1]), "prompt": prompt,
+                             "prompt_ids": cut[0]})
+    return examples, counts
 
 
 # ==== Batches and masking ===================================================================================
@@ -102,8 +260,9 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def token_logps(model, batch: dict, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(labels[:, t+1] | tokens <= t) at every position t, float32 (B, T-1), and the mask of labelled
     positions (the others get 0); `temperature` divides the logits (PPO's sampling temperature). The plain
-    computation of the DPO authors' reference trainer: a forward, a log-softmax, the label's entry. Where
-    the output layer is plain, fast_token_logps gives the same numbers without the [B, T, V] logits."""
+    computation of the DPO authors' reference trainer: a forward, a log-softmax, the label's entry. The fast path: where the
+    output layer is a plain linear head (output_head_is_plain), the first line hands over to fast_token_logps, the same numbers
+    without the [B, T, V] logits (both equal a brute-force loop: tests/test_losses.py::test_logps_match_brute_force_loop)."""
     if FAST_LOGPS and output_head_is_plain(model):
         return fast_token_logps(model, batch, temperature)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -376,6 +535,29 @@ def hbat_penalty(params: dict, weights: dict, anchor: dict, lam: float = 1.0, ma
 # a scalar added to the loss at every optimizer step (HBAT's EWC). A non-finite loss, metric or gradient
 # norm stops the run before the optimizer steps.
 
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype: auto = bfloat16 on CUDA, float32 on CPU. Weights stay float32 (mixed precision),
+    so optimizer state and small updates are not lost to bf16 rounding."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype in ("bfloat16", "bf16") and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"--dtype {dtype}: this GPU has no bfloat16 support; use --dtype float32")
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device_type=device.type, dtype=dtype)
+
+def clip_gradients(params: list, max_norm: float) -> float:
+    """clip_grad_norm_ (returns the norm before clipping); with FSDP shards by hand: shards' squares summed over ranks."""
+    if not any(is_sharded(p) for p in params):
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grads = [(local(p.grad), is_sharded(p)) for p in params if p.grad is not None]
+    sharded = sum_over_ranks(sum(((g.float() ** 2).sum() for g, s in grads if s), torch.zeros((), device=grads[0][0].device)))
+    norm = (sharded + sum((g.float() ** 2).sum() for g, s in grads if not s)).sqrt()
+    for g, _ in grads:
+        g.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
+    return norm.item()
+
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
     """The learning rate of optimizer step `step` (from 0) of a `total`-step stage, as a fraction of the
     peak: (step + 1) / warmup in the warm-up, then constant, or a linear or cosine decay towards 0."""
@@ -550,21 +732,27 @@ def train_reward_model(reward_model, examples: list, cfg, *, device, dtype, seed
 
 def ppo_step(policy, ref_model, reward_model, value_model, prompts: list[list[int]], optimizers: list, cfg, *, device, dtype,
              penalty: Callable | None = None, sft_batches: Iterable | None = None) -> dict[str, float]:
-    """One PPO iteration on a batch of prompts:
-    1. sample responses and score them: log pi_old, log ref, V (--eval_batch_size prompts at a time), r;
-    2. per-token rewards (ppo_rewards), whitened GAE advantages; without a value model (--no-critic) the
-       whitened critic_free_rewards are the advantages;
-    3. --ppo_epochs passes of clipped policy (and value) updates over --ppo_minibatches minibatches, each
-       accumulated over micro-batches of --ppo_micro_batch_size sequences weighted by their share of the
-       minibatch's tokens (the update of one big forward; memory bounded by the micro-batch).
-    `sft_batches` (the joint objective, PPO-ptx): each update adds --sft_coef times the SFT loss on the next
-    batch of SFT examples. `optimizers`: (AdamW, schedule) of the policy, then of the critic."""
+    """One PPO iteration on a batch of prompts, the three steps of the algorithm: roll out (sample and score), advantages,
+    update. `sft_batches` (the joint objective, PPO-ptx): each update adds --sft_coef times the SFT loss on the next batch of
+    SFT examples. `optimizers`: (AdamW, schedule) of the policy, then of the critic. Returns the updates' mean metrics and
+    the rollout's score, KL, length and total reward."""
+    rollout = ppo_rollout(policy, ref_model, reward_model, value_model, prompts, cfg, device=device, dtype=dtype)
+    rewards, advantages, returns = ppo_advantages(rollout, cfg)
+    metrics = ppo_update(policy, value_model, rollout, advantages, returns, optimizers, cfg, device=device, dtype=dtype,
+                         penalty=penalty, sft_batches=sft_batches)
+    mask = rollout["mask"]
+    kl = ((rollout["old_logps"] - rollout["ref_logps"]) * mask).sum(1)
+    stats = torch.stack([rollout["scores"].mean(), kl.mean(), mask.sum(1).mean(), rewards.sum(1).mean()]).tolist()
+    return {**metrics, **dict(zip(("score", "kl", "response_tokens", "total_reward"), stats))}
+
+def ppo_rollout(policy, ref_model, reward_model, value_model, prompts: list[list[int]], cfg, *, device, dtype) -> dict:
+    """PPO step 1: a sampled response per prompt, scored (--eval_batch_size prompts at a time): the rollout batch, its response
+    mask, log pi_old, log ref, V_old (zeros without a value model) and the reward model's r."""
     pad_id, eos_id = policy.config.pad_token_id, policy.config.eos_token_id
     policy.eval()
     responses = generate(policy, prompts, pad_id=pad_id, eos_id=eos_id, max_new_tokens=cfg.max_new_tokens,
                          batch_size=cfg.eval_batch_size, device=device, dtype=dtype, do_sample=True, temperature=cfg.temperature)
     batch = to_device(rollout_batch(prompts, responses, pad_id), device)
-    mask = (batch["labels"][:, batch["query_width"]:] != IGNORE_INDEX).float()
     scored, mine = [], my_share(list(range(len(prompts))))
     with torch.no_grad(), autocast(device, dtype):
         for rows in lockstep(batches_of(mine, cfg.eval_batch_size), [0]):
@@ -573,20 +761,32 @@ def ppo_step(policy, ref_model, reward_model, value_model, prompts: list[list[in
             scored.append((logps, response_logps(ref_model, sub, cfg.temperature),
                            response_values(value_model, sub) if value_model is not None else torch.zeros_like(logps),
                            sequence_scores(reward_model, sub["input_ids"], sub["attention_mask"])))
-    old_logps, ref_logps, old_values, scores = (gather_rows(torch.cat(parts)[:len(mine)]) for parts in zip(*scored))
-    if value_model is None:  # the HBAT authors' critic-free stage
-        rewards = critic_free_rewards(scores, old_logps, ref_logps, mask, cfg.kl_coef, cfg.gamma)
-        advantages, returns = masked_whiten(rewards, mask), None
-    else:
-        rewards = ppo_rewards(scores, old_logps, ref_logps, mask, cfg.kl_coef)
-        advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, mask)
+    names = ("old_logps", "ref_logps", "old_values", "scores")
+    return {"batch": batch, "mask": (batch["labels"][:, batch["query_width"]:] != IGNORE_INDEX).float(), "critic": value_model is not None,
+            **{name: gather_rows(torch.cat(parts)[:len(mine)]) for name, parts in zip(names, zip(*scored))}}
 
+def ppo_advantages(rollout: dict, cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """PPO step 2: per-token rewards (ppo_rewards), whitened GAE advantages and the returns; without a value model (the HBAT
+    authors' critic-free stage, --no-critic) the whitened critic_free_rewards are the advantages, and there are no returns."""
+    mask, old_logps, ref_logps = rollout["mask"], rollout["old_logps"], rollout["ref_logps"]
+    if not rollout["critic"]:
+        rewards = critic_free_rewards(rollout["scores"], old_logps, ref_logps, mask, cfg.kl_coef, cfg.gamma)
+        return rewards, masked_whiten(rewards, mask), None
+    rewards = ppo_rewards(rollout["scores"], old_logps, ref_logps, mask, cfg.kl_coef)
+    advantages, returns = gae(rewards, rollout["old_values"], mask, cfg.gamma, cfg.lam)
+    return rewards, masked_whiten(advantages, mask), returns
+
+def ppo_update(policy, value_model, rollout: dict, advantages, returns, optimizers: list, cfg, *, device, dtype,
+               penalty: Callable | None = None, sft_batches: Iterable | None = None) -> dict[str, float]:
+    """PPO step 3: --ppo_epochs passes of clipped policy (and value) updates over --ppo_minibatches minibatches, each
+    accumulated over micro-batches of --ppo_micro_batch_size sequences weighted by their share of the minibatch's tokens
+    (the update of one big forward; memory bounded by the micro-batch). Returns the metrics' means over the updates."""
+    batch, mask, old_logps, old_values = rollout["batch"], rollout["mask"], rollout["old_logps"], rollout["old_values"]
     critics = [value_model] if value_model is not None else []
     groups = [list(trainable(model.train()).values()) for model in [policy, *critics]]
     sums, n_updates = {}, 0
     for _ in range(cfg.ppo_epochs):
-        for minibatch in split(torch.randperm(len(prompts)).tolist(), min(cfg.ppo_minibatches, len(prompts))):
+        for minibatch in split(torch.randperm(len(mask)).tolist(), min(cfg.ppo_minibatches, len(mask))):
             n_tokens = mask[minibatch].sum()
             totals = torch.zeros(3, device=device)  # policy loss, value loss, clipped fraction: minibatch means
             mine = batches_of(my_share(minibatch), cfg.ppo_micro_batch_size)
@@ -618,10 +818,7 @@ def ppo_step(policy, ref_model, reward_model, value_model, prompts: list[list[in
             for optimizer, schedule in optimizers:
                 optimizer.step(), schedule.step(), optimizer.zero_grad(set_to_none=True)
             sums, n_updates = {k: sums.get(k, 0.0) + v for k, v in values.items()}, n_updates + 1
-    kl = ((old_logps - ref_logps) * mask).sum(1)
-    stats = torch.stack([scores.mean(), kl.mean(), mask.sum(1).mean(), rewards.sum(1).mean()]).tolist()
-    return {**{k: v / n_updates for k, v in sums.items() if critics or k != "loss/value"},
-            **dict(zip(("score", "kl", "response_tokens", "total_reward"), stats))}
+    return {k: v / n_updates for k, v in sums.items() if critics or k != "loss/value"}
 
 def train_ppo(policy, ref_model, reward_model, value_model, prompts: list[list[int]], cfg, *, device, dtype, seed: int,
               desc: str = "ppo", log=None, penalty=None, sft_examples: list | None = None) -> None:
@@ -807,8 +1004,9 @@ def weight_diagnostics(weights: torch.Tensor, reward_gaps: torch.Tensor | None, 
 
 
 # ############################################################################################################
-#   MACHINERY. You can stop reading here: the method is all above. Below: the built-in task, loading of
-#   models and data, and what makes a run safe to start, stop, resume, and spread over processes.
+#   MACHINERY. You can stop reading here: what one training step computes is all above. Below: the built-in task,
+#   loading models, reading data files and row formats into (prompt, response) text, the command line, and what
+#   makes a run safe to start, stop, resume, and spread over processes.
 # ############################################################################################################
 
 # ==== The built-in task: a miniature of the papers' summarization setting ===================================
@@ -1102,7 +1300,7 @@ def disable_dropout(model: torch.nn.Module) -> None:
         model.config.attention_dropout = 0.0
 
 
-# ==== Data: files and splits, row formats, tokenization =====================================================
+# ==== Data: files and splits, row formats =================================================================
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".jsonl.gz", ".json.gz", ".csv.gz")
 ROW_FORMATS = {"sft": ("prompt + completion", "messages (a conversation, every assistant turn trained; a 'prompt' beside it is ignored)",
@@ -1424,82 +1622,14 @@ def conversation_segments(tokenizer, context: list[dict], where: str) -> tuple[t
             rendered = text
     return tuple(segments)
 
-def prompt_text(prompt) -> str:
-    """A prompt's text: the string, or its segments joined."""
-    return prompt if isinstance(prompt, str) else "".join(text for text, _ in prompt)
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Prompt ids, with BOS where the tokenizer normally adds it (chat templates carry their own)."""
-    ids, bos = tokenizer(text, add_special_tokens=False).input_ids, tokenizer.bos_token_id
-    return [bos] + ids if bos is not None and ids[:1] != [bos] and tokenizer("a").input_ids[:1] == [bos] else ids
 
-def encode_context(tokenizer, prompt) -> tuple[list[int], list[int]]:
-    """A prompt's ids and labels: IGNORE_INDEX, but for the ids of segments marked trained (a conversation's earlier assistant
-    turns). Segments are tokenized apart, like prompt and response."""
-    segments = [(prompt, False)] if isinstance(prompt, str) else prompt
-    ids, labels = [], []
-    for k, (text, trained) in enumerate(segments):
-        part = encode_prompt(tokenizer, text) if k == 0 else tokenizer(text, add_special_tokens=False).input_ids
-        ids, labels = ids + part, labels + (part if trained else [IGNORE_INDEX] * len(part))
-    return ids, labels
 
-def encode_response(tokenizer, text: str) -> list[int]:
-    """Response ids + EOS, tokenized apart from the prompt so the boundary never drifts."""
-    return tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
 
-def keep_last(ids: list[int], n: int, bos_id: int | None = None) -> list[int]:
-    """The last n tokens of ids; a leading BOS survives the cut (it still counts towards n)."""
-    if len(ids) <= n:
-        return ids
-    if n > 0 and bos_id is not None and ids[:1] == [bos_id]:
-        return [bos_id] + ids[len(ids) - n + 1:]
-    return ids[len(ids) - n:] if n > 0 else []
 
-def kept_labels(labels: list[int], ids: list[int], kept: list[int], bos_id: int | None) -> list[int]:
-    """The labels of the tokens that keep_last(ids, ...) kept: a leading BOS and the last ones."""
-    if len(kept) == len(ids):
-        return labels
-    head = 1 if kept and bos_id is not None and ids[:1] == [bos_id] else 0
-    return labels[:head] + labels[len(labels) - len(kept) + head:]
 
-def truncate(prompt_ids: list[int], responses: list[list[int]], max_length: int, max_prompt_length: int, bos_id: int | None = None):
-    """Over max_length, the prompt loses its left side first (as much as needed, never below max_prompt_length tokens), then
-    the responses their right side (and EOS). None if no response token is left."""
-    longest = max(map(len, responses))
-    if len(prompt_ids) + longest > max_length:
-        prompt_ids = keep_last(prompt_ids, max(max_length - longest, max_prompt_length), bos_id)
-        responses = [r[: max(max_length - len(prompt_ids), 0)] for r in responses]
-    return None if min(map(len, responses)) == 0 else (prompt_ids, responses)
 
-def generation_prompt(tokenizer, text: str, cfg) -> list[int]:
-    """Prompt ids for generation, cut by the training rule so that --max_new_tokens still fit."""
-    return keep_last(encode_prompt(tokenizer, text), max(cfg.max_length - cfg.max_new_tokens, cfg.max_prompt_length), tokenizer.bos_token_id)
 
-def tokenize(texts: list[tuple], tokenizer, max_length: int, max_prompt_length: int) -> tuple[list[dict], dict]:
-    """Tokenized, truncated (prompt, response, ...) texts: examples ({"input_ids", "labels", "prompt", "reference", "prompt_ids"},
-    or {"chosen", "rejected", "prompt", "prompt_ids"}) and counts: prompt_cut, response_cut, skipped (no room), identical
-    (chosen == rejected), and earlier_turns: the assistant turns before the last that carry the loss (segmented prompts)."""
-    examples, counts = [], {"prompt_cut": 0, "response_cut": 0, "skipped": 0, "identical": 0, "earlier_turns": 0}
-    for prompt, *responses in texts:
-        if len(responses) == 2 and responses[0] == responses[1]:
-            counts["identical"] += 1
-            continue
-        (prompt_ids, prompt_labels), response_ids = encode_context(tokenizer, prompt), [encode_response(tokenizer, r) for r in responses]
-        cut = truncate(prompt_ids, response_ids, max_length, max_prompt_length, tokenizer.bos_token_id)
-        counts["skipped"] += cut is None
-        if cut is None:
-            continue
-        counts["prompt_cut"] += len(cut[0]) < len(prompt_ids)
-        counts["response_cut"] += any(len(a) < len(b) for a, b in zip(cut[1], response_ids))
-        if len(responses) == 1:
-            labels = kept_labels(prompt_labels, prompt_ids, cut[0], tokenizer.bos_token_id)
-            counts["earlier_turns"] += sum(a == IGNORE_INDEX != b for a, b in zip([IGNORE_INDEX, *labels], labels))  # (those kept)
-            examples.append({**sequence(cut[0], cut[1][0], labels), "prompt": prompt_text(prompt), "reference": responses[0],
-                             "prompt_ids": cut[0]})
-        else:
-            examples.append({"chosen": sequence(cut[0], cut[1][0]), "rejected": sequence(cut[0], cut[1][1]), "prompt": prompt,
-                             "prompt_ids": cut[0]})
-    return examples, counts
 
 def tokenize_sft(rows: list, tokenizer, max_length: int, max_prompt_length: int, where=lambda i: f"data: row {i + 1}", last_turn_only=False):
     return tokenize([row_texts(r, tokenizer, where(i), "sft", last_turn_only) for i, r in enumerate(rows)], tokenizer, max_length,
@@ -1599,78 +1729,6 @@ class DataError(UserError, ValueError):
 class NonFiniteError(UserError):
     """A NaN or infinite loss, gradient norm or weight: stopped before the optimizer moved."""
 
-@dataclass
-class TrainConfig:
-    """Settings every script shares. Defaults fit the built-in task on the tiny model; for a real model lower the
-    learning rates (README). A comment's [a, b) is the flag's range, {a, b} its choices: both are enforced."""
-    # --- model and data
-    model: str = "tiny"  # Hugging Face model name or folder; tiny = the built-in task's small Llama, warm-started (tiny-random: not)
-    trust_remote_code: bool = False  # allow a hub model's own Python code (only for models you trust)
-    sft_data: str = ""  # SFT rows: a file, data set folder or hub name (README: formats); empty = the built-in task
-    pref_data: str = ""  # preference rows: a file, data set folder or hub name; empty = the built-in task
-    eval_data: str = ""  # held-out SFT-format rows for evaluation; empty = the last --eval_size rows of --sft_data
-    sft_split: str = "train"  # split of --sft_data (a slice works: train_sft[:2000])
-    pref_split: str = "train"  # split of --pref_data
-    eval_split: str = "test"  # split of --eval_data
-    sft_config: str = ""  # config of --sft_data when its README.md lists several (datasets' name, e.g. smoltalk's all); empty = the default
-    pref_config: str = ""  # config of --pref_data
-    eval_config: str = ""  # config of --eval_data
-    eval_size: int = 100  # number of test prompts [1, inf)
-    n_sft: int = 3000  # SFT rows: generated (built-in task), or the first n_sft of --sft_data (0 = all) [0, inf)
-    n_pref: int = 2000  # preference pairs: generated, or the first n_pref of --pref_data (0 = all) [0, inf)
-    max_length: int = 512  # prompt + response tokens; longer rows are truncated [2, inf)
-    max_prompt_length: int = 256  # a truncated prompt keeps at least its last this-many tokens [1, inf)
-    last_turn_only: bool = False  # chat SFT: only a conversation's last assistant turn carries the loss (default: every assistant turn)
-    show_examples: int = 0  # print the first N examples of each training set as the model sees them, the tokens with a loss in [[ ]], and exit [0, inf)
-    # --- optimisation: every stage has its own AdamW and schedule
-    seed: int = 0  # seeds data generation, initialisation, shuffling and sampling [0, 4294967295]
-    device: str = "auto"  # auto (CUDA if present) | cpu | cuda | cuda:N
-    dtype: str = "auto"  # autocast dtype: auto = bfloat16 on CUDA, float32 on CPU {auto, float32, bfloat16, bf16}
-    batch_size: int = 32  # examples or pairs per optimizer step [1, inf)
-    grad_accum_steps: int = 1  # micro-batches per optimizer step (the same update, less memory) [1, inf)
-    gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~1/3 more compute
-    precompute_ref_logps: bool = False  # DPO: the reference's log-probs computed once, before training; no reference model held
-    fsdp: bool = False  # under torchrun: shard each transformer layer over the processes with FSDP2 (default: DDP)
-    sft_epochs: int = 3  # passes over the SFT data (per stage in HBAT) [0, inf)
-    sft_lr: float = 1e-3  # SFT learning rate (tiny model; ~2e-5 for a real one) (0, inf)
-    pref_epochs: int = 1  # passes over the preference data (DPO pairs or PPO prompts) [1, inf)
-    pref_lr: float = 2e-4  # DPO / PPO policy learning rate (tiny model; ~5e-7 to 1e-6 for a real one) (0, inf)
-    lr_scheduler_type: str = "constant"  # the learning rate after the warm-up, in every stage {constant, linear, cosine}
-    warmup_steps: int = 10  # linear warm-up at the start of every stage (at most half the stage) [0, inf)
-    warmup_ratio: float = 0.0  # if above 0: the warm-up is this fraction of each stage's steps instead [0, 1]
-    weight_decay: float = 0.0  # AdamW weight decay (matrices only) [0, inf)
-    adam_beta1: float = 0.9  # AdamW beta1 [0, 1)
-    adam_beta2: float = 0.999  # AdamW beta2 [0, 1)
-    max_grad_norm: float = 1.0  # gradient clipping (0, inf)
-    # --- DPO, and the joint objective
-    beta: float = 0.1  # DPO temperature on the log-ratios (0, inf)
-    loss_type: str = "sigmoid"  # DPO loss {sigmoid, ipo}
-    label_smoothing: float = 0.0  # conservative DPO: the assumed fraction of flipped labels [0, 0.5)
-    sft_coef: float = 0.0  # joint objective: + this times the SFT loss in every preference update (DPO: the chosen response's per-token NLL; PPO: an SFT batch) [0, inf)
-    # --- reward model and PPO
-    rm_epochs: int = 1  # reward-model passes over the preference pairs [1, inf)
-    rm_lr: float = 1e-4  # reward-model learning rate (0, inf)
-    value_lr: float = 1e-4  # value-model learning rate (it starts from the reward model) (0, inf)
-    ppo_batch_size: int = 64  # prompts per rollout [1, inf)
-    ppo_epochs: int = 2  # optimisation passes over each rollout [1, inf)
-    ppo_minibatches: int = 2  # minibatches (optimizer steps) per pass [1, inf)
-    ppo_micro_batch_size: int = 4  # sequences per PPO forward and backward (gradients accumulated): bounds PPO's memory [1, inf)
-    critic: bool = True  # PPO with a value model and GAE; --no-critic: the HBAT authors' critic-free PPO (README)
-    kl_coef: float = 0.05  # per-token KL penalty to the reference [0, inf)
-    gamma: float = 1.0  # discount [0, 1]
-    lam: float = 0.95  # GAE lambda [0, 1]
-    clip: float = 0.2  # policy ratio clip (0, inf)
-    value_clip: float = 0.2  # value clip (0, inf)
-    temperature: float = 1.0  # rollout sampling temperature (PPO's log-probs use the same) (0, inf)
-    # --- evaluation and output
-    max_new_tokens: int = 32  # generation limit (evaluation and rollouts) [1, inf)
-    eval_samples: int = 4  # responses sampled at temperature 1 per test prompt, scored beside the greedy one (0 = greedy only) [0, inf)
-    eval_batch_size: int = 64  # prompts per generation batch [1, inf)
-    reward_model: str = ""  # real data: a reward model folder (same tokenizer) that scores evaluations
-    output_dir: str = "runs/out"  # models, metrics.jsonl and results.json go here
-    overwrite: bool = False  # replace the run in --output_dir (kept aside until this one finishes)
-    resume: bool = False  # continue the interrupted run in --output_dir from its last checkpoint
-    debug: bool = False  # on an error, show the Python traceback too (or set ALIGN_DEBUG=1)
 
 PATH_FLAGS = ("model", "sft_data", "pref_data", "eval_data", "reward_model", "output_dir")
 
@@ -2211,7 +2269,7 @@ def progress(total: int, desc: str, disable: bool = False):
     return tqdm(total=total, desc=desc, file=LogLines(), mininterval=30, bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}]{postfix}")
 
 
-# ==== Device, precision, seeding ============================================================================
+# ==== Device ================================================================================================
 
 def pick_device(device: str = "auto") -> torch.device:
     """auto: CUDA when present, else CPU. A CUDA device this machine does not have is refused."""
@@ -2230,17 +2288,7 @@ def pick_device(device: str = "auto") -> torch.device:
         raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
     return torch.device(device)
 
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype: auto = bfloat16 on CUDA, float32 on CPU. Weights stay float32 (mixed precision),
-    so optimizer state and small updates are not lost to bf16 rounding."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    if dtype in ("bfloat16", "bf16") and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"--dtype {dtype}: this GPU has no bfloat16 support; use --dtype float32")
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
 
-def autocast(device: torch.device, dtype: torch.dtype):
-    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device_type=device.type, dtype=dtype)
 
 
 # ==== More than one process (torchrun): a thin layer; with one process every function here does nothing =====
@@ -2334,16 +2382,6 @@ def rank_sampling(device):
         torch.manual_seed(seed)
         yield
 
-def clip_gradients(params: list, max_norm: float) -> float:
-    """clip_grad_norm_ (returns the norm before clipping); with FSDP shards by hand: shards' squares summed over ranks."""
-    if not any(is_sharded(p) for p in params):
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    grads = [(local(p.grad), is_sharded(p)) for p in params if p.grad is not None]
-    sharded = sum_over_ranks(sum(((g.float() ** 2).sum() for g, s in grads if s), torch.zeros((), device=grads[0][0].device)))
-    norm = (sharded + sum((g.float() ** 2).sum() for g, s in grads if not s)).sqrt()
-    for g, _ in grads:
-        g.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
-    return norm.item()
 
 def set_checkpointing(model, cfg) -> None:
     """--gradient_checkpointing: the transformer layers keep only their inputs and recompute the rest."""

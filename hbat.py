@@ -71,9 +71,9 @@ def check(cfg: Config) -> list[str]:
 # ============================================================================================
 # The regulariser of a stage: importance bookkeeping, then the penalty (or frozen tensors)
 # ============================================================================================
-# state["importance"][kind] is the raw accumulator that guards stages of type `kind`: the summed drift
-# importance of every past stage of the other type. An SFT stage is guarded by the drift of the preceding
-# preference stage, a preference stage by the drift of the SFT stage just done.
+# state["drift"][kind] is R for the stages of type `kind`: the summed drift importance of every `kind` stage so far.
+# A stage is guarded by the other type's R: an SFT stage by the drift of all the preference stages before it, a
+# preference stage by that of all the SFT stages before it (the one just done included).
 
 
 def other(kind: str) -> str:
@@ -81,9 +81,9 @@ def other(kind: str) -> str:
 
 
 def record_drift(state: dict, kind: str, before: dict, after: dict) -> None:
-    """After a `kind` stage: R_other += F(before -> after). (s matters only to the softmax: R / sum R drops it.)"""
+    """After a `kind` stage: R_kind += F(before -> after). (s matters only to the softmax: R / sum R drops it.)"""
     drift = {n: C.drift_importance(C.whole(before[n]), C.whole(after[n]), RELEASED["mse_factor"]) for n in before}
-    state["importance"][other(kind)] = C.accumulate_importance(state["importance"][other(kind)], drift)
+    state["drift"][kind] = C.accumulate_importance(state["drift"][kind], drift)
 
 
 def random_importance(names: list[str], seed: int) -> dict[str, float]:
@@ -100,7 +100,7 @@ def most_important(raw: dict, fraction: float) -> list[str]:
 def stage_regulariser(cfg: Config, model, state: dict, kind: str, seed: int, other_examples: list, device, dtype):
     """(penalty or None, tensors to freeze, a short description, {"ewc_entropy", "ewc_top"}) of the stage about
     to start; the anchor is the weights now. Round 1's SFT stage has no importance yet: no regulariser."""
-    raw = state["importance"][kind]
+    raw = state["drift"][other(kind)]  # this stage is guarded by what the other type's stages so far moved
     if cfg.ewc == "none" or raw is None:
         return None, [], "-", {}
     if cfg.ewc == "freeze":
@@ -175,8 +175,8 @@ def run_arm(cfg: Config, run, out, checkpoint: dict | None, policy=None, log=Non
     if log is None:  # (the HBAT arm logs into --output_dir itself, opened by main)
         out.mkdir(exist_ok=True)
         log = C.open_log(out, checkpoint["metrics_lines"] if checkpoint else 0)
-    state = {k: checkpoint[k] for k in ("next_stage", "importance", "trajectory", "first_outputs", "last_responses", "score_name")} \
-        if checkpoint else {"next_stage": 0, "importance": {"sft": None, "pref": None}, "trajectory": [], "first_outputs": None,
+    state = {k: checkpoint[k] for k in ("next_stage", "drift", "trajectory", "first_outputs", "last_responses", "score_name")} \
+        if checkpoint else {"next_stage": 0, "drift": {"sft": None, "pref": None}, "trajectory": [], "first_outputs": None,
                             "last_responses": [], "score_name": ""}
     reward_model = None
     if cfg.pref == "ppo" and (reward_model_dir or state["next_stage"] > 0):  # given, or trained before the checkpoint

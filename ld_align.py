@@ -5,7 +5,7 @@ A guiding auto-encoder, trained on both, maps each (prompt, response) to a laten
 sample's latent lies from the gold one, the more that pair weighs in the DPO-style loss. For t = 1..T:
 
     sample     y_gen ~ pi_{t-1}(. | x)                               one per training prompt
-    guide      L_rec = -(1/|y|) sum_t log p_dec(y_t | phi(x, y), y_<t)       on gold and generated y
+    guide      L_rec = -(1/N) sum_(i,t) log p_dec(y_it | phi(x_i, y_i), y_i<t)  token mean over a batch of gold and generated y
                (the paper's decoder also reads x: --guide_reads_prompt; then the latent need only carry
                what x does not tell, and its distance stops measuring wrong facts: README)
     distance   d_i = || phi(x_i, y_gold_i) - phi(x_i, y_gen_i) ||_2
@@ -68,7 +68,7 @@ def check(cfg: Config) -> list[str]:
 
 
 # ============================================================================================
-# The guiding model: a small transformer auto-encoder over (prompt, response) tokens
+# The guiding model: an auto-encoder over (prompt, response) tokens, from the starting policy (default) or from scratch
 # ============================================================================================
 
 

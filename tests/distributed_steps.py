@@ -5,6 +5,7 @@ ranks), then rank 0 saves the whole weights to OUT_FILE.
 
     python tests/distributed_steps.py sft|dpo MODEL_DIR OUT_FILE [--fsdp]
 """
+import os
 import sys
 from pathlib import Path
 
@@ -38,5 +39,8 @@ else:
 state_dict = C.full_state_dict(model) or model.state_dict()
 if C.is_main():
     torch.save({k: v.detach().clone() for k, v in state_dict.items()}, out_file)
-if C.world_size() > 1:
+if C.world_size() > 1:  # as common.cli leaves: all ranks done, then out before gloo's threads can abort a rank in Python's clean-up
+    C.barrier()
     torch.distributed.destroy_process_group()
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)

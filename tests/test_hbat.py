@@ -59,7 +59,7 @@ def test_alternate_runs_sft_then_preference_per_round_and_continues_from_next_st
         return []
 
     def run(next_stage):
-        state, done = {"next_stage": next_stage, "importance": {"sft": None, "pref": None}}, []
+        state, done = {"next_stage": next_stage, "drift": {"sft": None, "pref": None}}, []
         hbat.alternate(cfg, policy, {"sft": sft_shards, "pref": pref_shards}, state, device=torch.device("cpu"), dtype=torch.float32,
                        train_stage=train_stage, after_stage=lambda kind, round_, regulariser, spread: done.append(
                            (kind, round_, state["next_stage"], regulariser, spread)))
@@ -71,26 +71,26 @@ def test_alternate_runs_sft_then_preference_per_round_and_continues_from_next_st
     assert done == [(kind, round_, index + 1, "-", {}) for index, (kind, round_, *_) in enumerate(seen)]
     assert state["next_stage"] == 6
     # mean((delta * 1e10)^2) per tensor, three stages of each kind summed: SFT drift 3 * 2^2, preference drift 3 * 1^2
-    assert state["importance"]["pref"] == pytest.approx({"weight": 12.0, "bias": 0.0}, rel=1e-9)
-    assert state["importance"]["sft"] == pytest.approx({"weight": 0.0, "bias": 3.0}, rel=1e-9)
+    assert state["drift"]["sft"] == pytest.approx({"weight": 12.0, "bias": 0.0}, rel=1e-9)
+    assert state["drift"]["pref"] == pytest.approx({"weight": 0.0, "bias": 3.0}, rel=1e-9)
     seen.clear()
     state, done = run(3)
     assert seen == [("pref", 2, [{"chosen": "c2"}], None, 10), ("sft", 3, ["s3"], None, 11), ("pref", 3, [{"chosen": "c3"}], None, 12)]
     assert [d[2] for d in done] == [4, 5, 6]
 
 
-def test_record_drift_adds_the_mean_squared_scaled_move_to_the_other_kinds_accumulator():
-    state = {"importance": {"sft": None, "pref": None}}
+def test_record_drift_adds_the_mean_squared_scaled_move_to_its_own_kinds_accumulator():
+    state = {"drift": {"sft": None, "pref": None}}
     zero = {"a": torch.zeros(2, 2, dtype=torch.float64), "b": torch.zeros(3, dtype=torch.float64)}
     moved = {"a": torch.full((2, 2), 2e-10, dtype=torch.float64), "b": torch.tensor([0.0, 0.0, 3e-10], dtype=torch.float64)}
-    hbat.record_drift(state, "sft", zero, moved)  # an SFT stage's drift guards the preference stages
-    assert state["importance"]["sft"] is None
-    assert state["importance"]["pref"] == pytest.approx({"a": 4.0, "b": 3.0}, rel=1e-12)  # a: 2^2; b: (0 + 0 + 3^2) / 3
+    hbat.record_drift(state, "sft", zero, moved)  # an SFT stage's drift (it guards the preference stages)
+    assert state["drift"]["pref"] is None
+    assert state["drift"]["sft"] == pytest.approx({"a": 4.0, "b": 3.0}, rel=1e-12)  # a: 2^2; b: (0 + 0 + 3^2) / 3
     hbat.record_drift(state, "sft", moved, zero)  # the way back drifts as much: summed
-    assert state["importance"]["pref"] == pytest.approx({"a": 8.0, "b": 6.0}, rel=1e-12)
+    assert state["drift"]["sft"] == pytest.approx({"a": 8.0, "b": 6.0}, rel=1e-12)
     hbat.record_drift(state, "pref", zero, moved)
-    assert state["importance"]["sft"] == pytest.approx({"a": 4.0, "b": 3.0}, rel=1e-12)
-    assert state["importance"]["pref"] == pytest.approx({"a": 8.0, "b": 6.0}, rel=1e-12)  # untouched
+    assert state["drift"]["pref"] == pytest.approx({"a": 4.0, "b": 3.0}, rel=1e-12)
+    assert state["drift"]["sft"] == pytest.approx({"a": 8.0, "b": 6.0}, rel=1e-12)  # untouched
 
 
 def test_most_important_takes_the_top_fraction():
@@ -179,8 +179,8 @@ def test_hbat_importance_anchor_and_penalty_across_two_rounds_by_hand(tmp_path, 
     assert [c["seed"] for c in calls] == [cfg.seed + i for i in range(4)]
     assert all(c["cfg"] == cfg for c in calls)
     state = json.loads((Path(cfg.output_dir) / "checkpoint" / "state.json").read_text())
-    assert state["importance"]["sft"] == pytest.approx({**zeros, NORM: 0.5e20})  # carried: two pref drifts
-    assert state["importance"]["pref"] == pytest.approx({**zeros, A: 2.0e20, B: 8.0e20})
+    assert state["drift"]["pref"] == pytest.approx({**zeros, NORM: 0.5e20})  # carried: two preference stages' drift
+    assert state["drift"]["sft"] == pytest.approx({**zeros, A: 2.0e20, B: 8.0e20})
 
 
 def test_released_setting_penalises_only_the_most_drifted_tensor_with_its_own_constants(tmp_path, monkeypatch):
@@ -443,7 +443,7 @@ def test_resume_after_a_stop_between_stages_gives_the_same_weights(tmp_path, mon
     results = hbat.main(config(tmp_path, pref=pref, rounds=2, output_dir=str(tmp_path / "stopped"), resume=True))
     assert_same_weights(final_weights(tmp_path / "whole"), final_weights(tmp_path / "stopped"))
     whole, resumed = ((tmp_path / run / "checkpoint" / "state.json").read_text() for run in ("whole", "stopped"))
-    assert json.loads(whole)["importance"] == json.loads(resumed)["importance"]
+    assert json.loads(whole)["drift"] == json.loads(resumed)["drift"]
     assert [row["stage"] for row in results["trajectory"]] == ["round 1 sft", f"round 1 {pref}", "round 2 sft", f"round 2 {pref}"]
 
     with pytest.raises(C.ConfigError, match="other settings: --beta 0.1 \\(now 0.2\\)"):
