@@ -438,7 +438,7 @@ def ppo_rewards(scores, logps, ref_logps, mask, kl_coef: float):
     rewards[torch.arange(rewards.shape[0]), mask.long().sum(1) - 1] += scores  # right-padded: the last token is len - 1
     return rewards
 
-def critic_free_rewards(scores, logps, ref_logps, mask, kl_coef: float = 0.1, gamma: float = 0.95, reward_clip: float = 10.0):
+def critic_free_rewards(scores, logps, ref_logps, mask, kl_coef: float, gamma: float, reward_clip: float = 10.0):
     """The HBAT authors' critic-free PPO reward at token t of a T-token response:
     clip(r, -10, 10) gamma^(T-1-t) - kl_coef max(log pi(y_t) - log ref(y_t), 0); whitened, the advantages."""
     steps_to_end = (mask.sum(1, keepdim=True) - 1 - torch.arange(mask.shape[1], device=mask.device)).clamp(min=0)
