@@ -31,6 +31,10 @@ def recipes() -> dict[str, list[str]]:
     return rows
 
 
+def owner_of(name: str):
+    return next(m for m in (C, ld_align, hbat) if name in vars(m) and getattr(vars(m)[name], "__module__", "") == m.__name__)
+
+
 def build(names: list[str]) -> dict:
     """A fresh namespace: torch, F and math, the constants as written, each function or class by its source."""
     ns = {"math": math, "torch": torch, "F": F, "__name__": "recipe"}
@@ -38,18 +42,26 @@ def build(names: list[str]) -> dict:
         if "=" in name:
             exec(name, ns)
             continue
-        owner = next(m for m in (C, ld_align, hbat) if name in vars(m) and getattr(vars(m)[name], "__module__", "") == m.__name__)
-        exec(compile(inspect.getsource(vars(owner)[name]), f"recipe:{name}", "exec", __future__.annotations.compiler_flag), ns)
+        exec(compile(source(owner_of(name), name), f"recipe:{name}", "exec", __future__.annotations.compiler_flag), ns)
     return ns
+
+
+def source(owner, name: str) -> str:
+    """A name's source; in a script, common's functions are called as C.name: the README says to drop the "C."."""
+    text = inspect.getsource(vars(owner)[name])
+    return text.replace("C.", "") if owner is not C else text
 
 
 RECIPES = recipes()
 
 
-def test_the_readme_lists_a_recipe_per_method():
+def test_the_readme_lists_a_recipe_per_method_each_short():
     assert len(RECIPES) == 5 and all(RECIPES.values())
-    for names in RECIPES.values():
-        assert all(re.fullmatch(r"[A-Z_]+ = .+", n) or any(n in vars(m) for m in (C, ld_align, hbat)) for n in names), names
+    loop = re.search(r"```python\n(.*?)```", SECTION, re.S).group(1)
+    for row, (use, names) in enumerate(RECIPES.items()):
+        lines = sum(1 if "=" in n else len(source(owner_of(n), n).splitlines()) for n in names)
+        if row != 1:  # (the fast path is the DPO recipe's optional extra)
+            assert lines + (len(loop.splitlines()) if use.startswith("HBAT") else 0) <= (60 if use.startswith("HBAT") else 80), (use, lines)
 
 
 def pairs_and_models(tiny):
@@ -133,8 +145,24 @@ def test_the_hbat_recipe_and_readme_loop_give_hbat_alternate_s_penalties_stage_b
     assert [k for k, _ in readme] == [k for k, _ in project] and [v for _, v in readme[1:]] == pytest.approx([v for _, v in project[1:]], rel=1e-12)
 
 
-def test_the_ld_align_recipe_gives_the_weights_and_weighted_loss(tiny):
-    ns = build(RECIPES["LD-Align's weights and weighted loss"])
+class MeanEmbeddingGuide(torch.nn.Module):
+    """A stand-in guide: phi(x, y) = the mean input embedding of a sequence's tokens."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.embed = model.get_input_embeddings()
+
+    def encode(self, batch):
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        return (self.embed(batch["input_ids"]) * mask).sum(1) / mask.sum(1)
+
+
+def test_the_ld_align_recipe_gives_the_distances_weights_and_weighted_loss(tiny):
+    ns = build(RECIPES["LD-Align's latent distance, weights and weighted loss"])
+    pairs, model, _, pad_id = pairs_and_models(tiny)
+    guide = MeanEmbeddingGuide(model)
+    got = ns["latent_distances"](guide, pairs, pad_id=pad_id, batch_size=4, device="cpu")
+    assert torch.equal(got, ld_align.latent_distances(guide, pairs, pad_id=pad_id, batch_size=4, device="cpu")) and got.min() > 0
     distances = torch.tensor([0.0, 0.5, 1.0, 2.0, 6.0])
     weights = ns["latent_weights"](distances, 2.5)
     assert torch.equal(weights, ld_align.pair_weights(distances, "latent", 2.5, 5))
