@@ -1212,8 +1212,8 @@ def from_pretrained(flag: str, name: str, load: Callable):
     except Exception as e:  # transformers, safetensors and the hub raise many types: all mean "cannot load this"
         where = "the folder" if path.exists() else f"the hub (offline? HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')})"
         raise ConfigError(f"{what}: could not load it from {where}: {type(e).__name__}: {first_line(e)}") from e
-    model = loaded[0] if isinstance(loaded, tuple) else loaded  # (with output_loading_info; a tokenizer has no weights)
-    if bad := [n for n, p in getattr(model, "named_parameters", dict().items)() if not torch.isfinite(p).all()]:
+    model = loaded[0] if isinstance(loaded, tuple) else loaded  # (with output_loading_info)
+    if isinstance(model, torch.nn.Module) and (bad := [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]):
         raise ConfigError(f"{what}: its weights are not finite: {len(bad)} tensors hold NaN or inf (first: {bad[0]}); "
                           f"the files are damaged or come from a diverged run")
     return loaded
@@ -1308,6 +1308,7 @@ ROW_FORMATS = {"sft": ("prompt + completion", "messages (a conversation, every a
                        "text (the whole text trained)"),
                "pref": ("prompt + chosen + rejected (strings without a prompt: their shared beginning is the prompt)",
                         "chosen + rejected conversations sharing all turns but the last (message lists, or Anthropic HH strings)")}
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # text no tokenizer or file system takes: JSON's "\\ud800", argv's undecodable bytes
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 _SPLIT, _HH_TURN = re.compile(r"([\w.-]+?)(?:\[(\d*):(\d*)\])?"), re.compile(r"\n\n(Human|Assistant): ")
 
@@ -1504,7 +1505,7 @@ def row_parts(row, where: str, kind: str) -> tuple:
     for "pref", strings or message lists. An SFT row may be a preference row: its chosen response is the demonstration. A
     'system' field makes the row a conversation that starts with that system message (never dropped)."""
     for name in ("prompt", "completion", "messages", "chosen", "rejected", "system", "text") if isinstance(row, dict) else ():
-        if any(re.search("[\ud800-\udfff]", text) for text in strings_in(row.get(name))):  # (JSON's unpaired "\\ud800" escapes; no tokenizer takes them)
+        if any(LONE_SURROGATE.search(text) for text in strings_in(row.get(name))):  # (JSON's unpaired "\\ud800" escapes)
             raise DataError(f"{where}: field '{name}' holds a lone surrogate (an unpaired \\ud800-\\udfff escape), not text: fix or drop the row")
     prompt, responses = format_parts(row, where, kind)
     if "system" not in row:
@@ -1690,13 +1691,13 @@ def data_lines(report: dict, cfg) -> list[str]:
     for kind, r in report.items():
         cut = "; ".join(text for key, text in (("prompt_cut", "prompts cut from the left"), ("response_cut", "responses cut from "
                         "the right, losing their EOS"), ("skipped", "rows skipped (no room for a response)"),
-                        ("identical", "pairs skipped (chosen == rejected)"), ("repeated", "rows not read (each repeats a row "
-                        "of another file of the split)")) if r.get(key) for text in [f"{r[key]} {text}"])
+                        ("identical", "pairs skipped (chosen == rejected)")) if r.get(key) for text in [f"{r[key]} {text}"])
         lines.append(f"{dict(sft='SFT', pref='preference', test='test')[kind]} data: {r['source']}, split {r['split']}: "
                      f"{r['rows_used']} of {r['rows_read']} rows used" + (f" ({cut}; --max_length {cfg.max_length}, "
                                                                           f"--max_prompt_length {cfg.max_prompt_length})" if cut else "")
                      + (f"; {r['rows_used'] + r['earlier_turns']} assistant turns trained ({r['earlier_turns']} before a "
-                        f"conversation's last)" if r.get("earlier_turns") else ""))
+                        f"conversation's last)" if r.get("earlier_turns") else "")
+                     + (f"; {r['repeated']} rows not read: each repeats a row of another file of the split" if r.get("repeated") else ""))
     if report["test"]["in_training"]:
         lines.append(f"warning: {report['test']['in_training']} of the {report['test']['rows_used']} test prompts are also "
                      f"training prompts: their scores measure memory, not generalisation")
@@ -1824,7 +1825,7 @@ def check_config(cfg, need_pref: bool = True, problems: Iterable[str] = ()) -> N
     is real data, and --pref_data is refused."""
     problems, (_, ranges, choices) = list(problems), setting_rules(type(cfg))
     problems += [f"--{name} {problem}" for name, value in dataclasses.asdict(cfg).items() if (problem := setting_problem(name, value, ranges, choices))]
-    unreadable = [name for name, value in dataclasses.asdict(cfg).items() if isinstance(value, str) and re.search("[\ud800-\udfff]", value)]
+    unreadable = [name for name, value in dataclasses.asdict(cfg).items() if isinstance(value, str) and LONE_SURROGATE.search(value)]
     problems += [f"--{name} {getattr(cfg, name)!r} is not UTF-8 text (an undecodable byte or a lone surrogate): no library takes it; "
                  f"rename the file or folder, or give another" for name in unreadable]
     rules = [(cfg.grad_accum_steps >= 1 and cfg.batch_size % cfg.grad_accum_steps,
