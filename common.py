@@ -2037,7 +2037,7 @@ def save_checkpoint(run, state: dict, model=None, extra: dict | None = None, rea
     """out/checkpoint/, written whole: state.json (settings, position, results so far, metrics.jsonl's lines and sha256, the data's
     and every read file's sha256), rng.pt, and the model and extra.pt when given. `reads`: folders --resume loads."""
     lines = metrics_lines(run.out)
-    state = {**state, "config": dataclasses.asdict(run.cfg), "metrics_lines": len(lines),
+    state = {**state, "format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(run.cfg), "metrics_lines": len(lines),
              "metrics_sha256": hashlib.sha256("".join(lines).encode()).hexdigest(),
              "data_sha256": {kind: r["sha256"] for kind, r in run.data["report"].items()}, "inputs": run.inputs}
     if model is not None:
@@ -2059,6 +2059,8 @@ def save_checkpoint(run, state: dict, model=None, extra: dict | None = None, rea
         write_folder(run.out / "checkpoint", fill)
     barrier()
 
+CHECKPOINT_FORMAT = 2  # raised when state.json's layout changes: an older checkpoint is refused as older, not misread
+
 def load_checkpoint(out: Path, cfg) -> dict | None:
     """out/checkpoint's state (None: none), known to be this run's: the same settings (but --resume, --overwrite, --debug, --device,
     --output_dir), every file it reads unchanged, metrics.jsonl still holding its lines. Adds "folder", "rng" and "extra"."""
@@ -2068,6 +2070,8 @@ def load_checkpoint(out: Path, cfg) -> dict | None:
     try:
         state = json.loads((folder / "state.json").read_text())
         state["config"], state["metrics_lines"], state["sha256"]["rng.pt"]  # noqa: B018 (a KeyError: not this version's)
+        if state.get("format") != CHECKPOINT_FORMAT:  # (2: the --*_config settings, HBAT's state["drift"])
+            raise KeyError("format")
     except Exception:
         raise ConfigError(f"--resume: {folder / 'state.json'} is damaged or from an older version; start again with --overwrite") from None
     now, skip = dataclasses.asdict(cfg), ("resume", "overwrite", "debug", "device", "output_dir")

@@ -103,6 +103,20 @@ def test_a_pickle_payload_planted_in_a_checkpoint_never_runs(finished, tmp_path)
     assert not marker.exists()  # (the planted files stay where they were: a resumed run reads only the files state.json lists)
 
 
+@pytest.mark.parametrize("fmt", [None, 1], ids=["no_format", "format_1"])
+def test_a_checkpoint_of_an_older_format_is_refused_as_an_older_version(finished, tmp_path, fmt):
+    """A checkpoint written before its state.json layout last changed (the --*_config settings, HBAT's drift) is named as
+    older, not as one written with other settings."""
+    out = copy_run(finished, tmp_path / "run")
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state.pop("format") == C.CHECKPOINT_FORMAT
+    (out / "checkpoint" / "state.json").write_text(json.dumps(state if fmt is None else {**state, "format": fmt}))
+    (out / "results.json").unlink()
+    before = snapshot(out)
+    assert "is damaged or from an older version; start again with --overwrite" in one_line_error(run("--output_dir", out, "--resume"))
+    assert snapshot(out) == before
+
+
 def test_a_checkpoint_from_before_rng_pt_is_refused_as_an_older_version(finished, tmp_path):
     """Checkpoints once kept their RNG state in rng.safetensors: such a checkpoint is named as older, not a missing file."""
     out = copy_run(finished, tmp_path / "run")
