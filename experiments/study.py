@@ -75,7 +75,8 @@ def ld_align(name: str, key: str, *args: str):
 # SmolLM2-135M-Instruct on the built-in task (issue 9, item 8), reduced for 2 CPU cores: 128 SFT rows and
 # 128 preference pairs, 32 test prompts, batch 8, real-model learning rates. "SMOLLM2" stands for --smollm2.
 SMOLLM2 = ("--model", "SMOLLM2", "--n_sft", "128", "--eval_size", "32", "--batch_size", "8", "--sft_lr", "5e-5")
-SMOLLM2_HBAT = [*SMOLLM2, "--n_pref", "128", "--pref_lr", "5e-6", "--pref", "dpo", "--compare", *DEFAULT_EWC]
+SMOLLM2_HBAT = [*SMOLLM2, "--n_pref", "128", "--pref_lr", "5e-6", "--pref", "dpo", "--compare", *sum_m("0.1", "100")]  # hbat.py's
+# default penalty since the default_m table (SFT-stage M 0.1), spelled out
 # LD-Align from a partly SFT'd model (one epoch at 2e-5: room for self-play), two iterations
 SMOLLM2_LD = [*SMOLLM2[:-1], "2e-5", "--sft_epochs", "1", "--pref_lr", "5e-6", "--iterations", "2", "--guide_lr", "1e-4",
               "--compare", *GUIDE]
@@ -214,13 +215,15 @@ TABLES = {
         ld_align("spin (uniform), drift", "spin", *GUIDE, "--task", "drift"),
         ld_align("ld-align, policy guide, drift", "ld_align", *GUIDE, "--task", "drift"),
     ]},
-    "smollm2": {"baseline": "two-stage dpo", "jobs": 1, "arms": [
+    # two-stage against HBAT, SPIN against LD-Align on SmolLM2-135M-Instruct, reduced (the built-in task as chat)
+    "smollm2": {"baseline": "two-stage dpo", "jobs": 1, "metrics": METRICS + SAMPLED, "paired": METRICS + SAMPLED, "arms": [
         ("sft (the two-stage SFT model)", "hbat.py", SMOLLM2_HBAT, "two-stage sft"),
         ("two-stage dpo", "hbat.py", SMOLLM2_HBAT, "two-stage dpo"),
-        ("hbat dpo (default EWC)", "hbat.py", SMOLLM2_HBAT, "hbat dpo"),
+        ("hbat dpo (default: M 0.1 / 100)", "hbat.py", SMOLLM2_HBAT, "hbat dpo"),
         ("hbat dpo, no penalty (--ewc none)", "hbat.py", [*SMOLLM2_HBAT[:-len(DEFAULT_EWC) - 1], "--ewc", "none"], "hbat dpo"),
     ]},
-    "smollm2_ld": {"baseline": "spin (uniform)", "jobs": 1, "arms": [
+    "smollm2_ld": {"baseline": "spin (uniform)", "jobs": 1, "metrics": METRICS + SAMPLED, "paired": METRICS + SAMPLED,
+                   "diagnostics": True, "arms": [
         ("sft (1 epoch)", "ld_align.py", SMOLLM2_LD, "sft"),
         ("spin (uniform)", "ld_align.py", SMOLLM2_LD, "spin"),
         ("ld-align (policy guide)", "ld_align.py", SMOLLM2_LD, "ld_align"),
