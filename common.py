@@ -1339,8 +1339,14 @@ def read_rows(spec: str, split: str = "train", limit: int = 0, flag: str = "--sf
         parts = [(f, read_file(f, flag)) for f in splits[name]]
     elif spec.startswith(("/", ".", "~")):
         raise DataError(f"{flag} {spec}: no such file or folder")
-    else:
-        parts = [(f"{spec} ({name})", read_hub(spec, name, flag, config))]
+    else:  # a hub name: datasets reads it
+        import datasets
+
+        quiet_libraries()
+        try:
+            parts = [(f"{spec} ({name})", list(datasets.load_dataset(spec, config or None, split=name)))]
+        except Exception as e:  # the hub, a missing split, a format: all mean "cannot read this"
+            raise DataError(f"{flag} {spec}: could not load split '{name}' ({type(e).__name__}: {first_line(e)})") from e
     numbered, first = [(source, k, row) for source, part in parts for k, row in enumerate(part, start=1)], {}
     unique = [(source, k, row) for source, k, row in numbered if len(parts) == 1 or first.setdefault(  # (a row's hash -> its first file)
               hashlib.blake2b(json.dumps(row, sort_keys=True, default=str).encode(), digest_size=16).digest(), source) == source]
@@ -1360,10 +1366,9 @@ def data_files(folder: Path, config: str, flag: str) -> dict[str, list[Path]]:
         with tempfile.TemporaryDirectory() as cache:  # (the builder's lock file goes there, not into ~/.cache)
             found = datasets.load_dataset_builder(str(folder), config or None, cache_dir=cache).config.data_files
     except Exception as e:  # no config named, an unknown one, no data files, mixed formats: all mean "cannot read this folder"
-        try:
+        configs = []
+        with contextlib.suppress(Exception):  # (it fails as the builder did)
             configs = datasets.get_dataset_config_names(str(folder))  # (the README's, or "default")
-        except Exception:  # (it fails as the builder did)
-            configs = []
         if len(configs) > 1 or (config and configs):
             raise ConfigError(f"{flag.replace('_data', '_config')} {config or '(none)'}: {folder} has the configs {', '.join(configs)} "
                               f"(its README.md); choose one with {flag.replace('_data', '_config')}") from None
@@ -1374,10 +1379,8 @@ def data_files(folder: Path, config: str, flag: str) -> dict[str, list[Path]]:
     stems = {f: re.sub(r"-\d{5}-of-\d{5}.*$", "", f.name[:-len(data_suffix(f)) or None]) for fs in found.values() for f in fs}
     if config or all(len({re.sub(r"\d+", "0", stems[f]) for f in fs}) == 1 for fs in found.values()):  # (shards differ in numbers:
         return found                                                                                 # train_0, train_1; part-00000-c000)
-    splits = {}
-    for f in sorted(stems):
-        splits.setdefault(stems[f], []).append(f)
-    return splits
+    files = sorted(stems)
+    return {stem: [f for f in files if stems[f] == stem] for stem in dict.fromkeys(stems[f] for f in files)}
 
 def read_saved(folder: Path, name: str, flag: str) -> tuple[list, str, list[Path]]:
     """A save_to_disk folder: one split of a DatasetDict, or a Dataset folder's only split; its files are the split's arrow files."""
@@ -1398,15 +1401,6 @@ def read_saved(folder: Path, name: str, flag: str) -> tuple[list, str, list[Path
         name = str(saved.split or folder.name)
         part, label = saved, f"{name} (the folder's only split)"
     return [(f"{folder} (split {name})", list(part))], label, [Path(f["filename"]) for f in part.cache_files]
-
-def read_hub(spec: str, split: str, flag: str, config: str = "") -> list[dict]:
-    import datasets
-
-    quiet_libraries()
-    try:
-        return list(datasets.load_dataset(spec, config or None, split=split))
-    except Exception as e:  # the hub, a missing split, a format: all mean "cannot read this"
-        raise DataError(f"{flag} {spec}: could not load split '{split}' ({type(e).__name__}: {first_line(e)})") from e
 
 def read_file(path: Path, flag: str) -> list[dict]:
     """A file's rows: JSON Lines (also in a .json, as Dataset.to_json writes), a JSON list, parquet or CSV (a header, then a row
@@ -1459,8 +1453,7 @@ def read_file(path: Path, flag: str) -> list[dict]:
 
 def hh_messages(text: str) -> list[dict] | None:
     """An Anthropic HH transcript "\\n\\nHuman: ...\\n\\nAssistant: ..." as messages; None for other text."""
-    parts = _HH_TURN.split(text)
-    if len(parts) < 3 or parts[0].strip():
+    if len(parts := _HH_TURN.split(text)) < 3 or parts[0].strip():
         return None
     return [{"role": "user" if who == "Human" else "assistant", "content": said.strip()} for who, said in zip(parts[1::2], parts[2::2])]
 
@@ -1505,7 +1498,7 @@ def row_parts(row, where: str, kind: str) -> tuple:
     for "pref", strings or message lists. An SFT row may be a preference row: its chosen response is the demonstration. A
     'system' field makes the row a conversation that starts with that system message (never dropped)."""
     for name in ("prompt", "completion", "messages", "chosen", "rejected", "system", "text") if isinstance(row, dict) else ():
-        if any(LONE_SURROGATE.search(text) for text in strings_in(row.get(name))):  # (JSON's unpaired "\\ud800" escapes)
+        if LONE_SURROGATE.search(json.dumps(row.get(name), ensure_ascii=False, default=str)):  # (JSON's unpaired "\\ud800" escapes)
             raise DataError(f"{where}: field '{name}' holds a lone surrogate (an unpaired \\ud800-\\udfff escape), not text: fix or drop the row")
     prompt, responses = format_parts(row, where, kind)
     if "system" not in row:
@@ -1522,13 +1515,6 @@ def row_parts(row, where: str, kind: str) -> tuple:
             raise DataError(f"{where}: field 'system' differs from the conversation's own system turn; keep one of them")
         return prompt, responses
     return ([{"role": "system", "content": system}] if system and system.strip() else []) + prompt, responses
-
-def strings_in(value) -> Iterable[str]:
-    """Every string in a field's value, however nested in lists and dicts."""
-    if isinstance(value, str):
-        yield value
-    for inner in value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else ():
-        yield from strings_in(inner)
 
 def format_parts(row, where: str, kind: str) -> tuple:
     """row_parts without the 'system' field."""
@@ -1623,15 +1609,6 @@ def conversation_segments(tokenizer, context: list[dict], where: str) -> tuple[t
             rendered = text
     return tuple(segments)
 
-
-
-
-
-
-
-
-
-
 def tokenize_sft(rows: list, tokenizer, max_length: int, max_prompt_length: int, where=lambda i: f"data: row {i + 1}", last_turn_only=False):
     return tokenize([row_texts(r, tokenizer, where(i), "sft", last_turn_only) for i, r in enumerate(rows)], tokenizer, max_length,
                     max_prompt_length)
@@ -1667,9 +1644,8 @@ def load_data(cfg, tokenizer, need_pref: bool = True) -> dict:
         task = builtin_task(cfg.seed, cfg.n_sft, cfg.n_pref if need_pref else 0, cfg.eval_size)
         sets = {kind: SimpleNamespace(source="built-in task", split=kind, files=[], rows=task[kind], repeated=0) for kind in kinds}
         texts = {kind: [(r["prompt"], *(r[k] for k in ("completion", "chosen", "rejected") if k in r)) for r in task[kind]] for kind in kinds}
-    for kind in kinds:
-        if not texts[kind]:
-            raise DataError(f"{sets[kind].source}: no rows")
+    if empty := [kind for kind in kinds if not texts[kind]]:
+        raise DataError(f"{sets[empty[0]].source}: no rows")
     sft, sft_counts = tokenize(texts["sft"], tokenizer, cfg.max_length, cfg.max_prompt_length)
     pref, pref_counts = tokenize(texts.get("pref", []), tokenizer, cfg.max_length, cfg.max_prompt_length)
     if need_pref and pref_counts["identical"] == len(texts["pref"]):
@@ -1687,11 +1663,10 @@ def load_data(cfg, tokenizer, need_pref: bool = True) -> dict:
 
 def data_lines(report: dict, cfg) -> list[str]:
     """What each data set gave, a line each, and a warning when test prompts were trained on."""
-    lines = []
+    lines, cuts = [], {"prompt_cut": "prompts cut from the left", "response_cut": "responses cut from the right, losing their EOS",
+                       "skipped": "rows skipped (no room for a response)", "identical": "pairs skipped (chosen == rejected)"}
     for kind, r in report.items():
-        cut = "; ".join(text for key, text in (("prompt_cut", "prompts cut from the left"), ("response_cut", "responses cut from "
-                        "the right, losing their EOS"), ("skipped", "rows skipped (no room for a response)"),
-                        ("identical", "pairs skipped (chosen == rejected)")) if r.get(key) for text in [f"{r[key]} {text}"])
+        cut = "; ".join(f"{r[key]} {text}" for key, text in cuts.items() if r.get(key))
         lines.append(f"{dict(sft='SFT', pref='preference', test='test')[kind]} data: {r['source']}, split {r['split']}: "
                      f"{r['rows_used']} of {r['rows_read']} rows used" + (f" ({cut}; --max_length {cfg.max_length}, "
                                                                           f"--max_prompt_length {cfg.max_prompt_length})" if cut else "")
@@ -1705,15 +1680,13 @@ def data_lines(report: dict, cfg) -> list[str]:
 
 def files_sha256(files: list[Path]) -> str | None:
     """One sha256 over the files' names and bytes (None for none: a hub data set, the built-in task)."""
-    if not files:
-        return None
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.name.encode() + b"\0")
         with open(f, "rb") as handle:
             while chunk := handle.read(1 << 24):
                 digest.update(chunk)
-    return digest.hexdigest()
+    return digest.hexdigest() if files else None
 
 
 # ==== Settings and the command line =========================================================================
