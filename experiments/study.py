@@ -14,12 +14,12 @@
     python experiments/study.py --table headroom     # ... default guide, from the warm-started model (--sft_epochs 0: room for self-play)
     python experiments/study.py --table drift        # ... on the drift variant (ld_align.py --task drift: errors the weights can find)
     python experiments/study.py --table all          # every table above (on the tiny model)
-    python experiments/study.py --table smollm2 --seeds 0 1 2      # two-stage vs HBAT-DPO on SmolLM2-135M-Instruct (reduced; ~35 min)
-    python experiments/study.py --table smollm2_ld --seeds 0 1 2   # SPIN vs LD-Align on SmolLM2-135M-Instruct (reduced; ~35 min)
+    python experiments/study.py --table smollm2 --seeds 0 1 2      # two-stage vs HBAT-DPO on SmolLM2-135M-Instruct (reduced; ~4 h, a guess)
+    python experiments/study.py --table smollm2_ld --seeds 0 1 2   # SPIN vs LD-Align on SmolLM2-135M-Instruct (reduced; ~2 h)
     python experiments/study.py main --seeds 0 1 2 --jobs 1        # (the table's name alone works too)
 
 A cell is one command line of one of the scripts at one seed (printed). It trains in
-runs/study/<script>_<arguments>/seed<k>/ (its output in seed<k>.log beside it, a time limit of CELL_TIMEOUT),
+runs/study/<script>_<arguments>/seed<k>/ (its output in seed<k>.log beside it, a time limit of CELL_TIMEOUT or twice its estimate),
 and as it finishes its results.json is kept in experiments/results/<script>_<arguments>/seed<k>.json with the
 command, the commit and its time. A cell whose file exists is never run again (delete the file to rerun it), so a
 table can be stopped and rerun, results can be committed as they come, and tables (or arms) that share a command
@@ -44,10 +44,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "runs" / "study"  # where cells train (not committed)
 RESULTS = REPO / "experiments" / "results"  # one small JSON file per finished cell (committed)
-CELL_TIMEOUT = 1800  # seconds: a cell that hangs fails the table instead of stalling it
+CELL_TIMEOUT = 1800  # seconds (or twice the cell's estimate, if more): a cell that hangs fails the table instead of stalling it
 SECONDS = {"two_stage_baseline.py": 60, "hbat.py": 80, "hbat.py --compare": 200, "hbat.py ppo": 200, "hbat.py ppo --compare": 500,
-           "ld_align.py": 160, "ld_align.py --compare": 250}
-# ^ a cell's rough time with one thread (two at once on 2 cores), for the estimate printed before a table runs
+           "ld_align.py": 160, "ld_align.py --compare": 250,
+           "ld_align.py --compare SMOLLM2": 2200, "hbat.py --compare SMOLLM2": 2700, "hbat.py SMOLLM2": 2000}
+# ^ a cell's rough time with one thread (two at once on 2 cores), for the estimate printed before a table runs; SMOLLM2: with
+# two threads, one cell at a time (ld_align: from a cell stopped after 16 min, per LD-Align iteration ~9 min of which
+# the guide 2.4, DPO 2, the evaluation with 4 samples per prompt ~3; hbat: a guess, it evaluates after every stage)
 METRICS = ("instruction", "rougeL", "reward")
 SAMPLED = ("instruction_sampled", "reward_sampled")  # means over 4 samples per prompt at temperature 1
 
@@ -241,13 +244,14 @@ def cell_file(results: Path, script: str, args: list[str], seed: int) -> Path:
 
 
 def cell_seconds(script: str, args: list[str]) -> int:
-    name = " ".join([script, *(["ppo"] if "ppo" in args else []), *(["--compare"] if "--compare" in args else [])])
+    name = " ".join([script, *(["ppo"] if "ppo" in args else []), *(["--compare"] if "--compare" in args else []),
+                     *(["SMOLLM2"] if "SMOLLM2" in args else [])])
     return SECONDS.get(name, 120)
 
 
 def run(script: str, args: list[str], seed: int, threads: int, root: Path, results: Path, smollm2: Path) -> dict:
     """One cell: its results from results/<tag>/seed<k>.json, or a run of the script that writes that file."""
-    cell = cell_file(results, script, args, seed)
+    cell, timeout = cell_file(results, script, args, seed), max(CELL_TIMEOUT, 2 * cell_seconds(script, args))
     if cell.exists():
         return json.loads(cell.read_text())["results"]
     out = root / cell_tag(script, args) / f"seed{seed}"
@@ -258,9 +262,9 @@ def run(script: str, args: list[str], seed: int, threads: int, root: Path, resul
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     try:
         with open(log, "w") as log_file:
-            code = subprocess.run(command, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, timeout=CELL_TIMEOUT).returncode
+            code = subprocess.run(command, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, timeout=timeout).returncode
     except subprocess.TimeoutExpired:
-        code = f"timed out after {CELL_TIMEOUT} s"
+        code = f"timed out after {timeout} s"
     if code != 0:
         sys.exit(f"failed ({code}): {' '.join(command[1:])}\n{log.read_text()[-3000:]}\n(the whole output: {log})")
     seconds = round(time.time() - start)
