@@ -14,8 +14,8 @@
     python experiments/study.py --table headroom     # ... default guide, from the warm-started model (--sft_epochs 0: room for self-play)
     python experiments/study.py --table drift        # ... on the drift variant (ld_align.py --task drift: errors the weights can find)
     python experiments/study.py --table all          # every table above (on the tiny model)
-    python experiments/study.py --table smollm2 --seeds 0 1 2      # two-stage vs HBAT-DPO on SmolLM2-135M-Instruct (reduced; ~4 h, a guess)
-    python experiments/study.py --table smollm2_ld --seeds 0 1 2   # SPIN vs LD-Align on SmolLM2-135M-Instruct (reduced; ~2 h)
+    python experiments/study.py --table smollm2 --seeds 0 1 2      # two-stage vs HBAT-DPO on SmolLM2-135M-Instruct (reduced; ~95 min)
+    python experiments/study.py --table smollm2_ld --seeds 0 1 2   # SPIN vs LD-Align on SmolLM2-135M-Instruct (reduced; ~95 min)
     python experiments/study.py main --seeds 0 1 2 --jobs 1        # (the table's name alone works too)
 
 A cell is one command line of one of the scripts at one seed (printed). It trains in
@@ -47,10 +47,10 @@ RESULTS = REPO / "experiments" / "results"  # one small JSON file per finished c
 CELL_TIMEOUT = 1800  # seconds (or twice the cell's estimate, if more): a cell that hangs fails the table instead of stalling it
 SECONDS = {"two_stage_baseline.py": 60, "hbat.py": 80, "hbat.py --compare": 200, "hbat.py ppo": 200, "hbat.py ppo --compare": 500,
            "ld_align.py": 160, "ld_align.py --compare": 250,
-           "ld_align.py --compare SMOLLM2": 2200, "hbat.py --compare SMOLLM2": 2700, "hbat.py SMOLLM2": 2000}
+           "ld_align.py --compare SMOLLM2": 1950, "hbat.py --compare SMOLLM2": 1300, "hbat.py SMOLLM2": 650}
 # ^ a cell's rough time with one thread (two at once on 2 cores), for the estimate printed before a table runs; SMOLLM2: with
-# two threads, one cell at a time (ld_align: from a cell stopped after 16 min, per LD-Align iteration ~9 min of which
-# the guide 2.4, DPO 2, the evaluation with 4 samples per prompt ~3; hbat: a guess, it evaluates after every stage)
+# two threads, one cell at a time, as measured (ld_align 1884-1932 s at seeds 0-2, hbat 1272 s and 605 s at seed 0;
+# per LD-Align iteration ~9 min, of which the guide 2.4, DPO 2, the evaluation with 4 samples per prompt ~3)
 METRICS = ("instruction", "rougeL", "reward")
 SAMPLED = ("instruction_sampled", "reward_sampled")  # means over 4 samples per prompt at temperature 1
 
@@ -327,7 +327,7 @@ DIAGNOSTICS = ("rho_w_gap", "rho_w_grad", "rho_grad_gap", "cos_weighted_uniform"
 def weight_diagnostics(arms: list, runs: dict, seeds: list[int]) -> str:
     """Markdown: per self-play arm and iteration, mean +- sd over seeds of what the weights did (ld_align.py's
     trajectory rows; SPIN has rho_grad_gap only)."""
-    lines = [f"What the weights did, per iteration: mean +- sd over seeds {' '.join(map(str, seeds))} (on --diagnostic_pairs pairs each)", "",
+    lines = [f"What the weights did, per iteration: mean +- sd over seeds {' '.join(map(str, seeds))} (on at most --diagnostic_pairs of the iteration's pairs)", "",
              "| arm | iteration | " + " | ".join(DIAGNOSTICS) + " |", "|---" * (len(DIAGNOSTICS) + 2) + "|"]
     for name, _, _, key in arms:
         rows = [[r for r in runs[name, s]["results"]["trajectory"] if r["arm"] == key and r["iteration"] > 0] for s in seeds]
