@@ -49,7 +49,7 @@ SECONDS = {"two_stage_baseline.py": 60, "hbat.py": 80, "hbat.py --compare": 200,
            "ld_align.py": 160, "ld_align.py --compare": 250,
            "ld_align.py --compare SMOLLM2": 1950, "hbat.py --compare SMOLLM2": 1300, "hbat.py SMOLLM2": 650}
 # ^ a cell's rough time with one thread (two at once on 2 cores), for the estimate printed before a table runs; SMOLLM2: with
-# two threads, one cell at a time, as measured (ld_align 1884-1932 s at seeds 0-2, hbat 1272 s and 605 s at seed 0;
+# two threads, one cell at a time, as measured (ld_align 1884-1932 s at seeds 0-2, hbat 1272-1407 s and 567-675 s;
 # per LD-Align iteration ~9 min, of which the guide 2.4, DPO 2, the evaluation with 4 samples per prompt ~3)
 METRICS = ("instruction", "rougeL", "reward")
 SAMPLED = ("instruction_sampled", "reward_sampled")  # means over 4 samples per prompt at temperature 1
